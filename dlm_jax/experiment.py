@@ -1,0 +1,210 @@
+"""Builds what every entry point shares from a config: tokenizer, method, optimizer, state.
+
+train.py, evaluate.py, sample.py and api.py all go through here, so a checkpoint written by
+one is read back identically by the others.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from dlm_jax import config_lib
+from dlm_jax import methods
+from dlm_jax import parallel
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  ema_params: Any
+  opt_state: Any
+
+
+def learning_rate_schedule(optim: ml_collections.ConfigDict, num_steps: int) -> optax.Schedule:
+  """Linear warm-up to optim.lr, then constant, cosine or linear decay to min_lr_ratio * lr."""
+  warm = max(int(optim.warmup_steps), 0)
+  peak = float(optim.lr)
+  end = peak * float(optim.min_lr_ratio)
+  decay_steps = max(num_steps - warm, 1)
+  if optim.decay == "constant":
+    after = optax.constant_schedule(peak)
+  elif optim.decay == "cosine":
+    after = optax.cosine_decay_schedule(peak, decay_steps, alpha=optim.min_lr_ratio)
+  else:
+    after = optax.linear_schedule(peak, end, decay_steps)
+  if warm == 0:
+    return after
+  return optax.join_schedules([optax.linear_schedule(0.0, peak, warm), after], [warm])
+
+
+def make_optimizer(optim: ml_collections.ConfigDict, num_steps: int):
+  """AdamW (decay on matrices only) with global-norm clipping; returns (tx, lr_schedule)."""
+  lr = learning_rate_schedule(optim, num_steps)
+  decay_mask = lambda p: jax.tree.map(lambda x: x.ndim >= 2, p)  # noqa: E731
+  parts = []
+  if optim.grad_clip > 0:
+    parts.append(optax.clip_by_global_norm(optim.grad_clip))
+  parts.append(optax.adamw(lr, b1=optim.b1, b2=optim.b2, eps=optim.eps,
+                           weight_decay=optim.weight_decay, mask=decay_mask))
+  return optax.chain(*parts), lr
+
+
+def make_tokenizer(config: ml_collections.ConfigDict):
+  """The tokenizer named by config.data.tokenizer (the BPE is trained on the corpus once, cached)."""
+  from dlm_jax.data import tokenizers  # pylint: disable=g-import-not-at-top
+  d = config.data
+  if d.source == "arith":
+    from dlm_jax.data import tasks  # pylint: disable=g-import-not-at-top
+    return tasks.ArithTokenizer()
+  if d.source == "hmm":
+    from dlm_jax.data import tasks  # pylint: disable=g-import-not-at-top
+    return tasks.HMMTokenizer()
+  if d.tokenizer != "bpe":
+    return tokenizers.get_tokenizer(d.tokenizer)
+  train_texts = None  # the embedded corpus is the default training text of the BPE
+  if d.source != "bible":
+    src = make_source(config, d.train_split)
+    train_texts = [src[i] for i in range(min(len(src), 200_000))]
+  return tokenizers.get_tokenizer("bpe", vocab_size=d.vocab_size, train_texts=train_texts)
+
+
+def corpus_name(config: ml_collections.ConfigDict) -> str:
+  d = config.data
+  return {"bible": "bible", "text": f"text:{d.path}", "tfds": f"tfds:{d.tfds_name}"}.get(
+      d.source, d.source)
+
+
+def make_source(config: ml_collections.ConfigDict, split: str):
+  """A random-access source of documents (str) for `split`."""
+  from dlm_jax.data import sources  # pylint: disable=g-import-not-at-top
+  d = config.data
+  if d.source == "bible":
+    return sources.BibleSource(split)
+  if d.source == "text":
+    return sources.TextFilesSource(d.path, split)
+  if d.source == "tfds":
+    return sources.tfds_source(d.tfds_name, split, d.tfds_data_dir or None)
+  raise config_lib.ConfigError(f"config.data.source={d.source!r} has no document source.")
+
+
+def make_train_iterator(config: ml_collections.ConfigDict, tokenizer: Any):
+  """Per-process grain iterator of local batches {tokens, segment_ids, positions}."""
+  from dlm_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  d = config.data
+  if d.source in ("arith", "hmm"):
+    from dlm_jax.data import tasks  # pylint: disable=g-import-not-at-top
+    return tasks.make_task_iterator(config, tokenizer, split="train")
+  return pipeline.make_lm_iterator(
+      make_source(config, d.train_split), tokenizer, seq_len=d.seq_len,
+      global_batch_size=config.train.global_batch_size, process_index=jax.process_index(),
+      process_count=jax.process_count(), seed=config.seed, shuffle=d.shuffle, packing=d.packing)
+
+
+def make_eval_iterator(config: ml_collections.ConfigDict, tokenizer: Any,
+                       batch_size: int | None = None):
+  """Finite, deterministic iterator over the evaluation split."""
+  from dlm_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  d = config.data
+  bs = batch_size or config.train.global_batch_size
+  if d.source in ("arith", "hmm"):
+    from dlm_jax.data import tasks  # pylint: disable=g-import-not-at-top
+    return tasks.make_task_iterator(config, tokenizer, split="validation", batch_size=bs)
+  return pipeline.make_eval_iterator(
+      make_source(config, d.eval_split), tokenizer, seq_len=d.seq_len, global_batch_size=bs,
+      process_index=jax.process_index(), process_count=jax.process_count(), packing=d.packing)
+
+
+@dataclasses.dataclass
+class Experiment:
+  """Config + tokenizer + method + optimizer + mesh, and the sharded state they imply."""
+  config: ml_collections.ConfigDict
+  tokenizer: Any
+  method: Any
+  mesh: jax.sharding.Mesh
+  tx: optax.GradientTransformation
+  lr_schedule: optax.Schedule
+
+  @classmethod
+  def create(cls, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = None,
+             tokenizer: Any = None) -> "Experiment":
+    mesh = mesh or parallel.make_mesh(config.mesh)
+    config_lib.validate(config, num_data_parallel=parallel.data_parallel_size(mesh),
+                        process_count=jax.process_count())
+    tokenizer = tokenizer or make_tokenizer(config)
+    method = methods.make_method(config, tokenizer)
+    tx, lr = make_optimizer(config.optim, config.train.num_steps)
+    return cls(config, tokenizer, method, mesh, tx, lr)
+
+  # -- state -----------------------------------------------------------------------------------
+  def _init_state(self, key: jax.Array) -> TrainState:
+    params = self.method.init_params(key)
+    ema = params if self.config.optim.ema_decay > 0 else None
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=ema,
+                      opt_state=self.tx.init(params))  # boxed: moments shard like params
+
+  def state_shardings(self) -> Any:
+    """NamedShardings of the train state, from the parameters' logical axis names."""
+    abstract = jax.eval_shape(self._init_state, jax.random.key(0))
+    logical = nn.get_partition_spec(abstract)
+    return parallel.logical_to_sharding(logical, self.mesh)
+
+  def abstract_state(self) -> TrainState:
+    """ShapeDtypeStructs (with shardings) of the unboxed train state."""
+    abstract = jax.eval_shape(lambda k: nn.meta.unbox(self._init_state(k)), jax.random.key(0))
+    shardings = self.state_shardings()
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        abstract, shardings)
+
+  def init_state(self, seed: int) -> TrainState:
+    shardings = self.state_shardings()
+    init = jax.jit(lambda k: nn.meta.unbox(self._init_state(k)), out_shardings=shardings)
+    return parallel.in_sharding_context(init, self.mesh)(jax.random.key(seed))
+
+  def num_params(self) -> int:
+    abstract = jax.eval_shape(lambda k: nn.meta.unbox(self.method.init_params(k)),
+                              jax.random.key(0))
+    return int(sum(x.size for x in jax.tree.leaves(abstract)))
+
+  def checkpoint_meta(self) -> dict[str, Any]:
+    tok = self.tokenizer
+    return dict(method=self.config.method, tokenizer=getattr(tok, "name", "?"),
+                tokenizer_fingerprint=tok.fingerprint() if hasattr(tok, "fingerprint") else "",
+                vocab_size=int(tok.vocab_size),
+                model={k: self.config.model[k] for k in
+                       ("num_layers", "d_model", "num_heads", "mlp_ratio", "time_conditioning")},
+                seq_len=int(self.config.data.seq_len))
+
+  def check_meta(self, meta: dict[str, Any]) -> None:
+    """Raises CheckpointError when a checkpoint cannot belong to this config."""
+    from dlm_jax.checkpoint import CheckpointError  # pylint: disable=g-import-not-at-top
+    mine = self.checkpoint_meta()
+    if meta.get("method") != mine["method"]:
+      raise CheckpointError(
+          f"The checkpoint was trained with method={meta.get('method')!r} but config.method="
+          f"{mine['method']!r}; use another --workdir or set --config.method="
+          f"{meta.get('method')}.")
+    if meta.get("tokenizer_fingerprint") and meta["tokenizer_fingerprint"] != mine[
+        "tokenizer_fingerprint"]:
+      raise CheckpointError(
+          f"The checkpoint's tokenizer ({meta.get('tokenizer')}, vocab {meta.get('vocab_size')}) "
+          f"differs from config.data.tokenizer ({mine['tokenizer']}, vocab {mine['vocab_size']}); "
+          "resume with the tokenizer the run started with.")
+    for k, v in mine["model"].items():
+      if meta.get("model", {}).get(k, v) != v:
+        raise CheckpointError(
+            f"config.model.{k}={v!r} but the checkpoint has {meta['model'][k]!r}: the shapes "
+            "differ; restore the original value or start a new --workdir.")
+
+
+def log_config(config: ml_collections.ConfigDict) -> None:
+  logging.info("Config:\n%s", config)

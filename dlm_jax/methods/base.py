@@ -1,0 +1,83 @@
+"""What a method is: pure functions of (params, batch, key) behind one small interface.
+
+The train loop only ever calls `train_loss`, `eval_sums` and `sample`; it never branches on the
+method's name. Everything static (the Flax module, special token ids, the config) lives on the
+method object, so its functions close over nothing that changes between steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from dlm_jax.models.transformer import Transformer, TransformerConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class SpecialIds:
+  bos: int
+  eos: int
+  mask: int
+  pad: int
+  vocab_size: int
+
+  @classmethod
+  def from_tokenizer(cls, tok: Any) -> "SpecialIds":
+    return cls(bos=tok.bos_id, eos=tok.eos_id, mask=tok.mask_id, pad=tok.pad_id,
+               vocab_size=tok.vocab_size)
+
+
+class Method:
+  """Base class: subclasses define `name`, `model_config`, `train_loss`, `eval_sums`, `sample`."""
+
+  name = "base"
+
+  def __init__(self, config: ml_collections.ConfigDict, ids: SpecialIds):
+    self.config = config
+    self.ids = ids
+    self.model_cfg = self.model_config()
+    self.model = Transformer(self.model_cfg)
+
+  # -- model -------------------------------------------------------------------------------
+  def model_config(self) -> TransformerConfig:
+    return TransformerConfig.from_config(self.config.model, self.ids.vocab_size)
+
+  def init_params(self, key: jax.Array, batch_size: int = 1) -> Any:
+    length = self.config.data.seq_len + self.extra_positions
+    tokens = jnp.zeros((batch_size, length), jnp.int32)
+    t = jnp.ones((batch_size,), jnp.float32) if self.model_cfg.time_conditioning else None
+    return self.model.init(key, tokens, t=t)["params"]
+
+  extra_positions = 0  # DID prepends BOS to x_t
+
+  def apply(self, params: Any, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array,
+            t: jax.Array | None, dropout_key: jax.Array | None = None):
+    """Runs the network; returns (logits [B, L, V] float32, aux or None)."""
+    deterministic = dropout_key is None or self.model_cfg.dropout == 0.0
+    rngs = None if deterministic else {"dropout": dropout_key}
+    if not self.model_cfg.time_conditioning:
+      t = None
+    return self.model.apply({"params": params}, tokens, positions, segment_ids, t,
+                            deterministic, rngs=rngs)
+
+  # -- interface ---------------------------------------------------------------------------
+  def train_loss(self, params: Any, batch: dict[str, jax.Array], key: jax.Array,
+                 train: bool = True) -> tuple[jax.Array, dict[str, jax.Array]]:
+    raise NotImplementedError
+
+  def eval_sums(self, params: Any, batch: dict[str, jax.Array], key: jax.Array) -> dict[str, jax.Array]:
+    """Sums over the batch for a likelihood report: {'nll_sum', 'token_count'} (nats)."""
+    raise NotImplementedError
+
+  def sample(self, params: Any, key: jax.Array, sample_cfg: ml_collections.ConfigDict,
+             prompt: jax.Array | None = None) -> dict[str, Any]:
+    raise NotImplementedError
+
+
+def example_keys(key: jax.Array, example_ids: jax.Array) -> jax.Array:
+  """Per-example keys fold_in(key, global example id) [B]: independent of device count and order."""
+  return jax.vmap(lambda i: jax.random.fold_in(key, i))(example_ids)

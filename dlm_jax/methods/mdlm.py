@@ -1,0 +1,140 @@
+"""MDLM as a method: masking forward process, SUBS, continuous-time NELBO; ancestral and
+block-wise threshold decoding."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from dlm_jax.diffusion import mdlm as mdlm_lib
+from dlm_jax.diffusion import schedules
+from dlm_jax.methods.base import Method, example_keys
+
+
+def default_maskable(batch: dict[str, jax.Array], bos_id: int) -> jax.Array:
+  """Positions the forward process may corrupt [B, L]: non-padding, except a document's BOS.
+
+  SFT batches carry their own `maskable` (response positions only).
+  """
+  if "maskable" in batch:
+    return batch["maskable"].astype(bool)
+  seg, pos, tok = batch["segment_ids"], batch["positions"], batch["tokens"]
+  return (seg > 0) & ~((pos == 0) & (tok == bos_id))
+
+
+class MDLM(Method):
+  """Masked diffusion LM (arXiv 2406.07524) with optional TRIMS masking for SFT."""
+
+  name = "mdlm"
+
+  def __init__(self, config: ml_collections.ConfigDict, ids):
+    super().__init__(config, ids)
+    d = config.diffusion
+    self.schedule = schedules.get_schedule(d.schedule, d.eps)
+
+  # -- corruption ----------------------------------------------------------------------------
+  def corrupt(self, batch: dict[str, jax.Array], key: jax.Array):
+    """Draws t and masks; returns (xt, is_masked, t, maskable, loss_weighting)."""
+    d = self.config.diffusion
+    tokens = batch["tokens"]
+    b = tokens.shape[0]
+    maskable = default_maskable(batch, self.ids.bos)
+    ex_keys = example_keys(jax.random.fold_in(key, 1), batch["example_id"])
+    if d.masking == "random":
+      # Stratified over the global batch (we are inside jit over the global batch).
+      t = mdlm_lib.sample_times(jax.random.fold_in(key, 0), b, d.t_min, d.time_sampling)
+      xt, is_masked = mdlm_lib.forward_mask(ex_keys, tokens, t, maskable, self.schedule,
+                                            self.ids.mask)
+      return xt, is_masked, t, maskable
+    from dlm_jax.diffusion import trims  # pylint: disable=g-import-not-at-top
+    if "buckets" not in batch:
+      raise ValueError(f"config.diffusion.masking={d.masking!r} needs per-token difficulty "
+                       "buckets in the data (run `python -m dlm_jax.score_difficulty`).")
+    mask, _, t = trims.trims_mask_batch(
+        ex_keys, batch["buckets"].astype(jnp.int32), d.trims_buckets,
+        p_context=d.trims_p_context, p_future=d.trims_p_future, k_law=d.trims_k_law,
+        t_min=d.t_min)
+    is_masked = mask & maskable
+    return jnp.where(is_masked, self.ids.mask, tokens), is_masked, t, maskable
+
+  # -- training --------------------------------------------------------------------------------
+  def train_loss(self, params, batch, key, train=True):
+    d = self.config.diffusion
+    xt, is_masked, t, maskable = self.corrupt(batch, key)
+    dropout_key = jax.random.fold_in(key, 2) if train else None
+    logits, _ = self.apply(params, xt, batch["positions"], batch["segment_ids"], t, dropout_key)
+    if d.masking != "random" and d.sft_weighting == "uniform":
+      ce = mdlm_lib.masked_cross_entropy(logits, batch["tokens"], self.ids.mask)
+      m = is_masked.astype(jnp.float32)
+      count = jnp.maximum(jnp.sum(m), 1.0)
+      loss = jnp.sum(ce * m) / count
+      metrics = dict(loss=loss, masked_ce=loss, masked_frac=jnp.sum(m) / jnp.maximum(
+          jnp.sum(maskable.astype(jnp.float32)), 1.0))
+      return loss, metrics
+    loss, aux = mdlm_lib.mdlm_loss(logits, batch["tokens"], is_masked, t, self.schedule,
+                                   maskable, self.ids.mask, d.normalize)
+    nelbo_tok = aux["nll_sum"] / jnp.maximum(aux["token_count"], 1.0)
+    metrics = dict(loss=loss, nelbo=nelbo_tok, bits_per_token=nelbo_tok / jnp.log(2.0),
+                   masked_frac=aux["masked_count"] / jnp.maximum(aux["token_count"], 1.0))
+    return loss, metrics
+
+  def eval_sums(self, params, batch, key):
+    maskable = default_maskable(batch, self.ids.bos)
+
+    def logits_fn(xt):
+      return self.apply(params, xt, batch["positions"], batch["segment_ids"], None)[0]
+
+    per_seq = mdlm_lib.nelbo(logits_fn, batch["tokens"], maskable, key, self.schedule,
+                             self.ids.mask, num_t=self.config.diffusion.eval_num_t,
+                             t_min=self.config.diffusion.t_min)
+    return dict(nll_sum=jnp.sum(per_seq), token_count=jnp.sum(maskable.astype(jnp.float32)))
+
+  # -- sampling --------------------------------------------------------------------------------
+  def logits_fn(self, params):
+    """Closure tokens [B, L] -> SUBS-ready logits [B, L, V] for one unsegmented row."""
+
+    def fn(tokens):
+      b, length = tokens.shape
+      pos = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (b, length))
+      seg = jnp.ones((b, length), jnp.int32)
+      return self.apply(params, tokens, pos, seg, None)[0]
+
+    return fn
+
+  def sample(self, params, key, sample_cfg, prompt=None) -> dict[str, Any]:
+    """Generates sample_cfg.batch_size rows; returns tokens, nfe and decoder statistics."""
+    from dlm_jax.sampling import ancestral, blockwise, r2  # pylint: disable=g-import-not-at-top
+    s = sample_cfg
+    b = s.batch_size
+    gen_len = s.gen_len or (self.config.data.seq_len - 1)
+    if prompt is None:
+      prompt = jnp.full((b, 1), self.ids.bos, jnp.int32)
+    prompt = jnp.asarray(prompt, jnp.int32)
+    total = prompt.shape[1] + gen_len
+    if total > self.model_cfg.max_len:
+      raise ValueError(f"prompt ({prompt.shape[1]}) + sample.gen_len ({gen_len}) = {total} is "
+                       f"longer than model.max_len={self.model_cfg.max_len}.")
+    fn = self.logits_fn(params)
+    if s.decoder == "ancestral":
+      x_init = jnp.concatenate([prompt, jnp.full((b, gen_len), self.ids.mask, jnp.int32)], 1)
+      maskable = jnp.arange(total)[None, :] >= prompt.shape[1]
+      maskable = jnp.broadcast_to(maskable, (b, total))
+      tokens, nfe = ancestral.ancestral_sample(
+          fn, key, x_init, maskable, self.ids.mask, s.num_steps, schedule=self.config.diffusion.schedule,
+          t_final=s.t_final, use_cache=s.use_cache, final_argmax=s.t_final > 0)
+      return dict(tokens=tokens, nfe=nfe, prompt_len=prompt.shape[1], gen_len=gen_len)
+    if gen_len % s.block_len:
+      raise ValueError(f"sample.gen_len={gen_len} must be a multiple of sample.block_len="
+                       f"{s.block_len}.")
+    if s.decoder == "fixed_k":
+      res = blockwise.decode_fixed_k(fn, prompt, gen_len, s.block_len, s.num_steps,
+                                     mask_id=self.ids.mask)
+    else:
+      r2_cfg = r2.R2Config.from_flags(s.r2, tau=s.tau) if s.r2 else None
+      res = blockwise.decode_threshold(fn, prompt, gen_len, s.block_len, tau=s.tau,
+                                       mask_id=self.ids.mask, r2=r2_cfg)
+    return dict(tokens=res.tokens, nfe=res.nfe, prompt_len=prompt.shape[1], gen_len=gen_len,
+                commit_step=res.commit_step, commit_rule=res.commit_rule)

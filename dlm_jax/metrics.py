@@ -1,0 +1,113 @@
+"""Metrics: TensorBoard event files, a console progress line, and small reporting helpers.
+
+Only process 0 writes. The writer logs whatever scalar keys the train step returns.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+
+
+def bits_per_token(nats_sum: float, token_count: float) -> float:
+  return float(nats_sum) / max(float(token_count), 1.0) / math.log(2.0)
+
+
+def perplexity_bound(nats_sum: float, token_count: float) -> float:
+  return float(math.exp(float(nats_sum) / max(float(token_count), 1.0)))
+
+
+def tokens_per_forward(n_tokens: np.ndarray, nfe: np.ndarray) -> float:
+  """Ratio of sums (not the mean of ratios)."""
+  return float(np.sum(n_tokens)) / max(float(np.sum(nfe)), 1e-9)
+
+
+def content_length(tokens: np.ndarray, eos_id: int) -> np.ndarray:
+  """Tokens before the first EOS in each row [B]."""
+  tokens = np.asarray(tokens)
+  is_eos = tokens == eos_id
+  first = np.where(is_eos.any(-1), is_eos.argmax(-1), tokens.shape[-1])
+  return first
+
+
+class MetricWriter:
+  """TensorBoard scalars (tensorboardX) plus a JSONL copy; a no-op on processes other than 0."""
+
+  def __init__(self, workdir: str | None, enabled: bool | None = None):
+    self.enabled = (jax.process_index() == 0) if enabled is None else enabled
+    self._tb = None
+    self._jsonl = None
+    if self.enabled and workdir:
+      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+      self._tb = SummaryWriter(logdir=os.path.join(workdir, "tb"), flush_secs=10)
+      if "://" not in workdir:
+        os.makedirs(workdir, exist_ok=True)
+        self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
+
+  def write_scalars(self, step: int, scalars: Mapping[str, Any], prefix: str = "") -> None:
+    if not self.enabled:
+      return
+    clean = {f"{prefix}{k}": float(v) for k, v in scalars.items() if np.ndim(v) == 0}
+    if self._tb is not None:
+      for k, v in clean.items():
+        self._tb.add_scalar(k, v, step)
+    if self._jsonl is not None:
+      self._jsonl.write(json.dumps({"step": int(step), **clean}) + "\n")
+      self._jsonl.flush()
+
+  def write_text(self, step: int, tag: str, text: str) -> None:
+    if self.enabled and self._tb is not None:
+      self._tb.add_text(tag, text, step)
+
+  def flush(self) -> None:
+    if self._tb is not None:
+      self._tb.flush()
+
+  def close(self) -> None:
+    if self._tb is not None:
+      self._tb.close()
+    if self._jsonl is not None:
+      self._jsonl.close()
+
+
+class Progress:
+  """Console line: step, loss, tokens/s, ETA. Rates are measured between log points."""
+
+  def __init__(self, total_steps: int, start_step: int, tokens_per_step: int,
+               stream=sys.stdout, enabled: bool | None = None):
+    self.total = total_steps
+    self.tokens_per_step = tokens_per_step
+    self.stream = stream
+    self.enabled = (jax.process_index() == 0) if enabled is None else enabled
+    self._last_step = start_step
+    self._last_time = time.perf_counter()
+
+  def rates(self, step: int) -> dict[str, float]:
+    now = time.perf_counter()
+    dt = max(now - self._last_time, 1e-9)
+    steps = max(step - self._last_step, 0)
+    self._last_step, self._last_time = step, now
+    sps = steps / dt
+    return dict(steps_per_sec=sps, tokens_per_sec=sps * self.tokens_per_step,
+                eta_sec=(self.total - step) / sps if sps > 0 else float("nan"))
+
+  def line(self, step: int, metrics: Mapping[str, float], rates: Mapping[str, float]) -> str:
+    eta = rates["eta_sec"]
+    eta_s = "?" if not math.isfinite(eta) else time.strftime("%H:%M:%S", time.gmtime(eta))
+    parts = [f"step {step:>7d}/{self.total}", f"loss {metrics.get('loss', float('nan')):.4f}"]
+    if "bits_per_token" in metrics:
+      parts.append(f"bpt {metrics['bits_per_token']:.3f}")
+    parts += [f"lr {metrics.get('lr', 0.0):.2e}", f"tok/s {rates['tokens_per_sec']:,.0f}",
+              f"ETA {eta_s}"]
+    return " | ".join(parts)
+
+  def log(self, step: int, metrics: Mapping[str, float], rates: Mapping[str, float]) -> None:
+    if self.enabled:
+      print(self.line(step, metrics, rates), file=self.stream, flush=True)

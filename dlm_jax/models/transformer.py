@@ -1,0 +1,234 @@
+"""The denoiser: a pre-LN transformer with RoPE and optional adaLN time conditioning.
+
+One module serves every method. With `causal=False` it is MDLM's / DID's bidirectional
+denoiser (DiT-style: adaLN modulation from a time embedding when `time_conditioning`), with
+`causal=True` it is the autoregressive LM used as TRIMS teacher and gen-PPL judge.
+
+Parameters carry logical axis names (`embed`, `mlp`, `heads`, `kv`, `vocab`); activations are
+constrained to (`batch`, `length`, `embed`). `dlm_jax.parallel` maps these onto the mesh.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from dlm_jax.models import attention as attention_lib
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+  """Static architecture of a transformer (hashable, so it can live in a Flax module)."""
+  vocab_size: int
+  num_layers: int = 4
+  d_model: int = 256
+  num_heads: int = 4
+  mlp_ratio: int = 4
+  max_len: int = 1024
+  dropout: float = 0.0
+  dtype: str = "float32"
+  attention: str = "xla"
+  causal: bool = False
+  time_conditioning: bool = False
+  cond_dim: int = 128
+  aux_outputs: int = 0
+  rope_theta: float = 10000.0
+  remat: bool = False
+  tie_embeddings: bool = False
+
+  @property
+  def head_dim(self) -> int:
+    return self.d_model // self.num_heads
+
+  @classmethod
+  def from_config(cls, model_cfg: Any, vocab_size: int) -> "TransformerConfig":
+    fields = {f.name for f in dataclasses.fields(cls)} - {"vocab_size"}
+    kw = {k: model_cfg[k] for k in fields if k in model_cfg}
+    return cls(vocab_size=vocab_size, **kw)
+
+
+class Linear(nn.Module):
+  """x [..., *in] @ kernel [*in, *features] (+ bias), kernel initialised at full rank.
+
+  `axes` names every kernel dimension (inputs then outputs) for the sharding rules.
+  """
+  features: tuple[int, ...]
+  axes: tuple[str, ...]
+  n_in: int = 1
+  use_bias: bool = True
+  dtype: Any = jnp.float32
+  zero_init: bool = False
+
+  @nn.compact
+  def __call__(self, x):
+    in_shape = x.shape[-self.n_in:]
+    n_out = len(self.features)
+    if self.zero_init:
+      init = nn.initializers.zeros_init()
+    else:
+      init = nn.initializers.variance_scaling(
+          1.0, "fan_in", "truncated_normal", in_axis=tuple(range(self.n_in)),
+          out_axis=tuple(range(self.n_in, self.n_in + n_out)))
+    kernel = self.param("kernel", nn.with_logical_partitioning(init, self.axes),
+                        tuple(in_shape) + tuple(self.features), jnp.float32)
+    contract = (tuple(range(x.ndim - self.n_in, x.ndim)), tuple(range(self.n_in)))
+    y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (contract, ((), ())))
+    if self.use_bias:
+      bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(),
+                                                             self.axes[self.n_in:]),
+                        tuple(self.features), jnp.float32)
+      y = y + bias.astype(self.dtype)
+    return y
+
+
+def dense(features, axes, name, dtype, use_bias=True, zero=False, n_in=1):
+  features = (features,) if isinstance(features, int) else tuple(features)
+  return Linear(features, tuple(axes), n_in=n_in, use_bias=use_bias, dtype=dtype,
+                zero_init=zero, name=name)
+
+
+def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+  """Rotary position embedding on [B, L, H, D] with integer positions [B, L]."""
+  d = x.shape[-1]
+  freqs = theta ** (-jnp.arange(0, d // 2, dtype=jnp.float32) * 2.0 / d)
+  angles = positions.astype(jnp.float32)[:, :, None, None] * freqs  # [B, L, 1, D/2]
+  sin, cos = jnp.sin(angles), jnp.cos(angles)
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x.dtype)
+
+
+def timestep_embedding(t: jax.Array, dim: int = 256, max_period: float = 10000.0) -> jax.Array:
+  """Sinusoidal embedding of a scalar per example [B] -> [B, dim]."""
+  half = dim // 2
+  freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+  args = t.astype(jnp.float32)[:, None] * freqs[None]
+  return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+
+
+class LayerNorm(nn.Module):
+  """LayerNorm in float32 with an optional learned scale (none when adaLN modulates it)."""
+  use_scale: bool = True
+
+  @nn.compact
+  def __call__(self, x):
+    y = nn.LayerNorm(use_bias=False, use_scale=self.use_scale, dtype=jnp.float32,
+                     param_dtype=jnp.float32,
+                     scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",)))(
+                         x.astype(jnp.float32))
+    return y.astype(x.dtype)
+
+
+class Block(nn.Module):
+  """Attention + MLP block, pre-LN, with adaLN-zero modulation when `cond` is given."""
+  cfg: TransformerConfig
+
+  @nn.compact
+  def __call__(self, x, cond, positions, segment_ids, deterministic: bool):
+    cfg = self.cfg
+    dtype = DTYPES[cfg.dtype]
+    h, hd = cfg.num_heads, cfg.head_dim
+    if cond is not None:
+      mod = dense(6 * cfg.d_model, ("cond", "embed"), "adaln", jnp.float32, zero=True)(cond)
+      mod = mod[:, None, :].astype(dtype)
+      shift1, scale1, gate1, shift2, scale2, gate2 = jnp.split(mod, 6, axis=-1)
+    else:
+      shift1 = shift2 = 0.0
+      scale1 = scale2 = 0.0
+      gate1 = gate2 = 1.0
+
+    y = LayerNorm(use_scale=cond is None, name="ln_attn")(x) * (1 + scale1) + shift1
+    qkv = dense((3, h, hd), ("embed", "qkv", "heads", "kv"), "qkv", dtype, use_bias=False)(y)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    q = rope(q, positions, cfg.rope_theta)
+    k = rope(k, positions, cfg.rope_theta)
+    q = nn.with_logical_constraint(q, ("batch", "length", "heads", "kv"))
+    k = nn.with_logical_constraint(k, ("batch", "length", "heads", "kv"))
+    v = nn.with_logical_constraint(v, ("batch", "length", "heads", "kv"))
+    attend = attention_lib.get_attention_fn(cfg.attention)
+    o = attend(q, k, v, segment_ids, segment_ids, causal=cfg.causal)
+    o = dense(cfg.d_model, ("heads", "kv", "embed"), "attn_out", dtype, use_bias=False,
+              n_in=2)(o)
+    o = nn.Dropout(cfg.dropout)(o, deterministic=deterministic)
+    x = x + gate1 * o
+    x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+
+    y = LayerNorm(use_scale=cond is None, name="ln_mlp")(x) * (1 + scale2) + shift2
+    y = dense(cfg.mlp_ratio * cfg.d_model, ("embed", "mlp"), "mlp_in", dtype)(y)
+    y = nn.gelu(y, approximate=True)
+    y = nn.with_logical_constraint(y, ("batch", "length", "mlp"))
+    y = dense(cfg.d_model, ("mlp", "embed"), "mlp_out", dtype)(y)
+    y = nn.Dropout(cfg.dropout)(y, deterministic=deterministic)
+    x = x + gate2 * y
+    return nn.with_logical_constraint(x, ("batch", "length", "embed"))
+
+
+class Transformer(nn.Module):
+  """Denoiser / LM trunk.
+
+  __call__(tokens [B, L] int32, positions [B, L] int32, segment_ids [B, L] int32,
+           t [B] float32 | None, deterministic) -> (logits [B, L, V] float32, aux [B, L, A] | None)
+
+  `t` is used only when `cfg.time_conditioning`; `aux` only when `cfg.aux_outputs > 0`.
+  """
+  cfg: TransformerConfig
+
+  @nn.compact
+  def __call__(self, tokens, positions=None, segment_ids=None, t=None, deterministic=True):
+    cfg = self.cfg
+    dtype = DTYPES[cfg.dtype]
+    b, length = tokens.shape
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (b, length))
+    if segment_ids is None:
+      segment_ids = jnp.ones((b, length), jnp.int32)
+    embed = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=dtype, param_dtype=jnp.float32,
+                     embedding_init=nn.with_logical_partitioning(
+                         nn.initializers.normal(1.0), ("vocab", "embed")), name="embed")
+    x = embed(tokens)
+    x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+
+    cond = None
+    if cfg.time_conditioning:
+      if t is None:
+        raise ValueError("This model has time_conditioning=True and needs `t`.")
+      c = timestep_embedding(t)
+      c = dense(cfg.cond_dim, ("time", "cond"), "t_mlp_in", jnp.float32)(c)
+      c = dense(cfg.cond_dim, ("cond", "cond2"), "t_mlp_out", jnp.float32)(nn.silu(c))
+      cond = nn.silu(c)
+
+    block = Block
+    if cfg.remat:
+      block = nn.remat(Block, static_argnums=(5,))
+    for i in range(cfg.num_layers):
+      x = block(cfg, name=f"block_{i}")(x, cond, positions, segment_ids, deterministic)
+
+    if cond is not None:
+      mod = dense(2 * cfg.d_model, ("cond", "embed"), "final_adaln", jnp.float32, zero=True)(cond)
+      shift, scale = jnp.split(mod[:, None, :].astype(dtype), 2, axis=-1)
+      y = LayerNorm(use_scale=False, name="ln_final")(x) * (1 + scale) + shift
+    else:
+      y = LayerNorm(name="ln_final")(x)
+    if cfg.tie_embeddings:
+      logits = embed.attend(y.astype(jnp.float32)) / math.sqrt(cfg.d_model)
+    else:
+      logits = dense(cfg.vocab_size, ("embed", "vocab"), "head", dtype)(y)
+    logits = nn.with_logical_constraint(logits.astype(jnp.float32), ("batch", "length", "vocab"))
+    aux = None
+    if cfg.aux_outputs:
+      aux = dense(cfg.aux_outputs, ("embed", "aux"), "aux_head", jnp.float32)(y).astype(jnp.float32)
+    return logits, aux
+
+
+def forward_flops_per_token(cfg: TransformerConfig, seq_len: int) -> float:
+  """Forward FLOPs per token (matmuls + attention + output head), for tokens/s -> TFLOP/s."""
+  d = cfg.d_model
+  per_block = 2 * 4 * d * d + 2 * 2 * cfg.mlp_ratio * d * d + 4 * seq_len * d
+  return cfg.num_layers * per_block + 2 * d * cfg.vocab_size
