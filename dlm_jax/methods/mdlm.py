@@ -109,10 +109,14 @@ class MDLM(Method):
     from dlm_jax.sampling import ancestral, blockwise, r2  # pylint: disable=g-import-not-at-top
     s = sample_cfg
     b = s.batch_size
-    gen_len = s.gen_len or (self.config.data.seq_len - 1)
     if prompt is None:
       prompt = jnp.full((b, 1), self.ids.bos, jnp.int32)
     prompt = jnp.asarray(prompt, jnp.int32)
+    gen_len = s.gen_len
+    if not gen_len:  # fill the training length; blockwise decoders need whole blocks
+      gen_len = self.config.data.seq_len - prompt.shape[1]
+      if s.decoder != "ancestral":
+        gen_len = max(s.block_len, gen_len // s.block_len * s.block_len)
     total = prompt.shape[1] + gen_len
     if total > self.model_cfg.max_len:
       raise ValueError(f"prompt ({prompt.shape[1]}) + sample.gen_len ({gen_len}) = {total} is "

@@ -1,0 +1,38 @@
+# Two commands on a fresh machine: `make demo` (install, train the tiny default, sample) and
+# `make test`. Everything installs into .venv from the package index; nothing else downloads.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+WORKDIR ?= workdirs/demo
+CONFIG ?= configs/mdlm_tiny.py
+export XLA_PYTHON_CLIENT_PREALLOCATE ?= false
+export TF_CPP_MIN_LOG_LEVEL ?= 3
+
+.PHONY: install demo test test-fast bench clean
+
+$(VENV)/.installed: setup.py
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	@touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(PY) -m dlm_jax.train --config=$(CONFIG) --workdir=$(WORKDIR)
+	$(PY) -m dlm_jax.evaluate --workdir=$(WORKDIR) --num_batches=8
+	$(PY) -m dlm_jax.sample --workdir=$(WORKDIR) --num_samples=4
+
+test: install
+	$(PY) -m pytest -q -ra tests
+
+test-fast: install
+	$(PY) -m pytest -q -ra -m "not slow" tests
+
+bench: install
+	$(PY) benchmarks/train_throughput.py
+	$(PY) benchmarks/attention.py
+	$(PY) benchmarks/did_dp.py
+
+clean:
+	rm -rf $(VENV) workdirs .pytest_cache

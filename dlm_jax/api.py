@@ -1,0 +1,211 @@
+"""Notebook API: open a training run's checkpoint on whatever devices are at hand.
+
+    import dlm_jax
+    run = dlm_jax.load("/path/to/workdir")          # newest checkpoint, EMA params
+    texts = run.sample_text(num_samples=4)           # decoded samples
+    run.loss(["In the beginning ..."])              # NELBO per token (nats) per text
+
+No training mesh is needed: parameters are restored onto a mesh over the local devices (one
+device in a plain notebook), whatever topology the run was trained on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from dlm_jax import checkpoint as ckpt_lib
+from dlm_jax import experiment as exp_lib
+from dlm_jax import parallel
+
+
+def _mesh_over(devices: Sequence[jax.Device]) -> jax.sharding.Mesh:
+  cfg = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  return parallel.make_mesh(cfg, devices)
+
+
+def read_run_config(workdir: str, step: int | None = None) -> tuple[ml_collections.ConfigDict, int]:
+  """The config saved with a checkpoint (newest by default) and that checkpoint's step."""
+  ckpt = ckpt_lib.Checkpointer(workdir, async_save=False)
+  try:
+    steps = ckpt.all_steps()
+    if not steps:
+      raise ckpt_lib.CheckpointError(f"No checkpoint found in {ckpt.directory}; train first "
+                                     f"(python -m dlm_jax.train --workdir={workdir} ...).")
+    chosen = step if step is not None else steps[-1]
+    errors = []
+    for s in ([chosen] if step is not None else list(reversed(steps))):
+      try:
+        return ckpt.read_config(s), s
+      except Exception as e:  # pylint: disable=broad-except
+        errors.append(f"step {s}: {type(e).__name__}")
+    raise ckpt_lib.CheckpointError(f"Could not read any config in {ckpt.directory}: {errors}")
+  finally:
+    ckpt.close()
+
+
+def _fix_types(loaded: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """JSON loses int/float distinctions; rebuild the config on the schema's types."""
+  from configs import base  # pylint: disable=g-import-not-at-top
+  cfg = base.get_config()
+
+  def merge(dst, src):
+    for k, v in src.items():
+      if k not in dst:
+        continue
+      if isinstance(dst[k], ml_collections.ConfigDict):
+        merge(dst[k], v)
+      elif isinstance(dst[k], float) and isinstance(v, int):
+        dst[k] = float(v)
+      else:
+        dst[k] = v
+
+  merge(cfg, loaded)
+  return cfg
+
+
+@dataclasses.dataclass
+class LoadedRun:
+  """A restored run: config, tokenizer, method, parameters (EMA when present)."""
+  workdir: str
+  step: int
+  config: ml_collections.ConfigDict
+  tokenizer: Any
+  method: Any
+  params: Any
+  experiment: exp_lib.Experiment
+
+  @property
+  def mesh(self) -> jax.sharding.Mesh:
+    return self.experiment.mesh
+
+  def sample(self, num_samples: int | None = None, seed: int = 0, prompt: str | None = None,
+             **overrides: Any) -> dict[str, Any]:
+    """Draws samples; overrides are config.sample fields (decoder, num_steps, tau, ...).
+
+    Returns the method's output dict (tokens, nfe, ...) as numpy plus 'texts'.
+    """
+    s = ml_collections.ConfigDict(self.config.sample.to_dict())
+    for k, v in overrides.items():
+      if k not in s:
+        raise KeyError(f"Unknown sample option {k!r}; known: {sorted(s.keys())}.")
+      s[k] = v
+    if num_samples is not None:
+      s.num_samples = num_samples
+      s.batch_size = min(s.batch_size, num_samples) if s.batch_size else num_samples
+    return sample_batches(self, s, seed=seed, prompt_text=prompt)
+
+  def sample_text(self, num_samples: int = 4, seed: int = 0, **overrides: Any) -> list[str]:
+    return self.sample(num_samples=num_samples, seed=seed, **overrides)["texts"]
+
+  def loss(self, texts: Sequence[str], seed: int = 0) -> np.ndarray:
+    """Likelihood bound of each text in nats per token (method's NELBO, eval_num_t draws)."""
+    from dlm_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+    tok = self.tokenizer
+    seq_len = self.config.data.seq_len
+    rows = []
+    for text in texts:
+      ids = [tok.bos_id] + list(tok.encode(text)) + [tok.eos_id]
+      if len(ids) > seq_len:
+        raise ValueError(f"Text of {len(ids)} tokens is longer than data.seq_len={seq_len}.")
+      rows.append(ids)
+    del pipeline
+    b = len(rows)
+    tokens = np.full((b, seq_len), tok.pad_id, np.int32)
+    seg = np.zeros((b, seq_len), np.int32)
+    pos = np.zeros((b, seq_len), np.int32)
+    for i, ids in enumerate(rows):
+      tokens[i, :len(ids)] = ids
+      seg[i, :len(ids)] = 1
+      pos[i, :len(ids)] = np.arange(len(ids))
+    out = []
+    for i in range(b):
+      batch = dict(tokens=jnp.asarray(tokens[i:i + 1]), segment_ids=jnp.asarray(seg[i:i + 1]),
+                   positions=jnp.asarray(pos[i:i + 1]))
+      sums = _eval_sums_jit(self)(self.params, batch, jax.random.key(seed))
+      out.append(float(sums["nll_sum"]) / max(float(sums["token_count"]), 1.0))
+    return np.asarray(out)
+
+
+def _eval_sums_jit(run: LoadedRun):
+  if not hasattr(run, "_eval_fn"):
+    run._eval_fn = parallel.in_sharding_context(jax.jit(run.method.eval_sums), run.mesh)  # pylint: disable=protected-access
+  return run._eval_fn  # pylint: disable=protected-access
+
+
+def sample_batches(run: LoadedRun, s: ml_collections.ConfigDict, seed: int = 0,
+                   prompt_text: str | None = None) -> dict[str, Any]:
+  """Runs the method's sampler over ceil(num_samples / batch_size) batches."""
+  import time  # pylint: disable=g-import-not-at-top
+  tok = run.tokenizer
+  prompt = None
+  if prompt_text or s.prompt:
+    ids = [tok.bos_id] + list(tok.encode(prompt_text or s.prompt))
+    prompt = np.tile(np.asarray(ids, np.int32)[None], (s.batch_size, 1))
+  outs, wall = [], 0.0
+  n_batches = -(-s.num_samples // s.batch_size)
+  for i in range(n_batches):
+    key = jax.random.fold_in(jax.random.key(seed), i)
+    t0 = time.perf_counter()
+    with parallel.sharding_context(run.mesh):
+      out = run.method.sample(run.params, key, s, prompt=prompt)
+    out = jax.device_get(out)
+    wall += time.perf_counter() - t0
+    outs.append(out)
+  merged: dict[str, Any] = {}
+  for k in outs[0]:
+    if isinstance(outs[0][k], np.ndarray) and outs[0][k].ndim >= 1:
+      merged[k] = np.concatenate([o[k] for o in outs])[:s.num_samples]
+    else:
+      merged[k] = outs[0][k]
+  merged["texts"] = run.method.decode_samples(merged, tok) if hasattr(
+      run.method, "decode_samples") else [tok.decode(list(r)) for r in merged["tokens"]]
+  merged["wall_sec"] = wall
+  return merged
+
+
+def load(workdir: str, step: int | None = None, use_ema: bool = True,
+         devices: Sequence[jax.Device] | None = None) -> LoadedRun:
+  """Restores a run's config, tokenizer and parameters from `workdir` (newest step by default).
+
+  Args:
+    workdir: the --workdir the run was trained in.
+    step: a checkpoint step; None picks the newest readable one.
+    use_ema: return the EMA parameters when the run kept them.
+    devices: where to put the parameters (default: all local devices, replicated).
+  """
+  if not os.path.exists(ckpt_lib.checkpoint_dir(workdir)) and "://" not in workdir:
+    raise ckpt_lib.CheckpointError(f"{workdir} has no checkpoints/ folder; is it a training "
+                                   "--workdir?")
+  raw, config_step = read_run_config(workdir, step)
+  config = _fix_types(raw)
+  mesh = _mesh_over(list(devices or jax.local_devices()))
+  config.unlock()
+  # The batch only needs to divide over the notebook's devices for evaluation helpers.
+  n = parallel.data_parallel_size(mesh)
+  config.train.global_batch_size = max(n, (config.train.global_batch_size // n) * n)
+  config.mesh.data, config.mesh.fsdp, config.mesh.tensor = -1, 1, 1
+  exp = exp_lib.Experiment.create(config, mesh=mesh)
+  ckpt = ckpt_lib.Checkpointer(workdir, async_save=False)
+  try:
+    # With step=None this walks back past a corrupt newest checkpoint.
+    got, state, _ = ckpt.restore(exp.abstract_state(), step=step, check_meta=exp.check_meta)
+    del config_step
+  finally:
+    ckpt.close()
+  params = state.ema_params if (use_ema and state.ema_params is not None) else state.params
+  return LoadedRun(workdir=workdir, step=got, config=config, tokenizer=exp.tokenizer,
+                   method=exp.method, params=params, experiment=exp)
+
+
+def write_jsonl(path: str, records: Sequence[dict[str, Any]]) -> None:
+  with open(path, "w", encoding="utf-8") as f:
+    for r in records:
+      f.write(json.dumps(r) + "\n")

@@ -1,0 +1,64 @@
+r"""Evaluation entry point: likelihood bound on the validation split, written as JSON.
+
+  python -m dlm_jax.evaluate --workdir=/tmp/run [--num_batches=50] [--num_t=16]
+
+Writes eval_step{N}.json into --workdir: NELBO (nats/token), bits/token, perplexity bound, the
+number of tokens and of t-draws per sequence.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from absl import app
+from absl import flags
+import jax
+
+from dlm_jax import api
+from dlm_jax import checkpoint as ckpt_lib
+from dlm_jax import config_lib
+from dlm_jax import parallel
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir to evaluate.")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: newest).")
+_BATCHES = flags.DEFINE_integer("num_batches", None, "Limit on eval batches (default: all).")
+_NUM_T = flags.DEFINE_integer("num_t", None, "t-draws per sequence (default: config).")
+_NO_EMA = flags.DEFINE_bool("no_ema", False, "Evaluate the raw parameters instead of the EMA.")
+
+
+def run_eval(workdir: str, step: int | None = None, num_batches: int | None = None,
+             num_t: int | None = None, use_ema: bool = True) -> dict:
+  from dlm_jax import trainer as train_lib  # pylint: disable=g-import-not-at-top
+  run = api.load(workdir, step=step, use_ema=use_ema)
+  exp = run.experiment
+  if num_t is not None:
+    exp.config.diffusion.eval_num_t = num_t
+  eval_step = parallel.in_sharding_context(jax.jit(train_lib.make_eval_step(exp)), exp.mesh)
+  res = train_lib.evaluate_nelbo(exp, eval_step, run.params, num_batches)
+  res.update(step=run.step, method=run.config.method, params="ema" if use_ema else "raw",
+             split=run.config.data.eval_split)
+  path = os.path.join(workdir, f"eval_step{run.step}.json")
+  if parallel.is_main_process():
+    with open(path, "w", encoding="utf-8") as f:
+      json.dump(res, f, indent=2)
+  res["path"] = path
+  return res
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  if not _WORKDIR.value:
+    raise app.UsageError("--workdir is required.")
+  try:
+    res = run_eval(_WORKDIR.value, _STEP.value, _BATCHES.value, _NUM_T.value, not _NO_EMA.value)
+  except (config_lib.ConfigError, ckpt_lib.CheckpointError) as e:
+    print(f"ERROR: {e}", file=sys.stderr, flush=True)
+    sys.exit(2)
+  print(json.dumps(res, indent=2))
+
+
+if __name__ == "__main__":
+  app.run(main)

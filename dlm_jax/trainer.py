@@ -1,0 +1,342 @@
+"""The one train loop (library form): steps, prefetching, evaluation, checkpointing.
+
+`dlm_jax.train` is its command-line entry point; tests and benchmarks call `train()` here.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import signal
+import threading
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from dlm_jax import checkpoint as ckpt_lib
+from dlm_jax import experiment as exp_lib
+from dlm_jax import metrics as metrics_lib
+from dlm_jax import parallel
+
+
+class NonFiniteLossError(RuntimeError):
+  """The loss or gradients became NaN/inf and config.train.nan_policy='stop'."""
+
+
+# -- data ----------------------------------------------------------------------------------------
+class PrefetchIterator:
+  """Prepares global batches on a host thread; checkpoints the position of CONSUMED batches.
+
+  Implements get_state()/set_state() (bytes) and start_prefetch() so grain's Orbax handler can
+  save it: a restored run continues with the first batch the model has not trained on.
+  """
+
+  def __init__(self, it: Any, mesh: jax.sharding.Mesh, size: int = 2):
+    self._it = it
+    self._mesh = mesh
+    self._size = max(int(size), 0)
+    self._queue: queue.Queue | None = None
+    self._thread: threading.Thread | None = None
+    self._stop = threading.Event()
+    self._consumed_state = self._raw_state()
+
+  def _raw_state(self) -> Any:
+    return self._it.get_state()
+
+  def _produce(self) -> tuple[Any, Any]:
+    batch = next(self._it)
+    state = self._raw_state()
+    return parallel.global_batch_from_local(batch, self._mesh), state
+
+  def _worker(self) -> None:
+    try:
+      while not self._stop.is_set():
+        item = self._produce()
+        while not self._stop.is_set():
+          try:
+            self._queue.put(item, timeout=0.1)
+            break
+          except queue.Full:
+            continue
+    except BaseException as e:  # pylint: disable=broad-except  # surfaced in __next__
+      self._queue.put(e)
+
+  def __iter__(self) -> "PrefetchIterator":
+    return self
+
+  def __next__(self):
+    if self._size == 0:
+      batch, state = self._produce()
+    else:
+      if self._thread is None:
+        self.start_prefetch()
+      item = self._queue.get()
+      if isinstance(item, BaseException):
+        raise item
+      batch, state = item
+    self._consumed_state = state
+    return batch
+
+  def start_prefetch(self) -> None:
+    if self._size and self._thread is None:
+      self._queue = queue.Queue(maxsize=self._size)
+      self._stop.clear()
+      self._thread = threading.Thread(target=self._worker, daemon=True)
+      self._thread.start()
+
+  def close(self) -> None:
+    self._stop.set()
+    if self._thread is not None:
+      self._thread.join(timeout=5)
+    self._thread = None
+
+  def get_state(self) -> bytes:
+    return json.dumps(self._consumed_state).encode()
+
+  def set_state(self, state: bytes) -> None:
+    if self._thread is not None:
+      raise RuntimeError("set_state after prefetching started.")
+    st = json.loads(state.decode() if isinstance(state, bytes) else state)
+    self._it.set_state(st)
+    self._consumed_state = self._raw_state()
+
+
+# -- the step ------------------------------------------------------------------------------------
+def make_train_step(exp: exp_lib.Experiment):
+  """Returns train_step(state, batch, base_key) -> (state, metrics), pure and jittable."""
+  method, tx = exp.method, exp.tx
+  ema_decay = float(exp.config.optim.ema_decay)
+  global_batch = exp.config.train.global_batch_size
+
+  def train_step(state: exp_lib.TrainState, batch: dict[str, jax.Array], base_key: jax.Array):
+    key = jax.random.fold_in(base_key, state.step)
+    if "example_id" not in batch:
+      batch = dict(batch, example_id=state.step * global_batch + jnp.arange(global_batch))
+
+    def loss_fn(params):
+      return method.train_loss(params, batch, key, train=True)
+
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    if state.ema_params is not None:
+      ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p,
+                         state.ema_params, params)
+    else:
+      ema = None
+    new = exp_lib.TrainState(step=state.step + 1, params=params, ema_params=ema,
+                             opt_state=opt_state)
+    # A non-finite step never enters the state: keep the old values (the step still counts).
+    keep = lambda n, o: jnp.where(finite, n, o)  # noqa: E731
+    new = exp_lib.TrainState(
+        step=new.step, params=jax.tree.map(keep, new.params, state.params),
+        ema_params=jax.tree.map(keep, new.ema_params, state.ema_params),
+        opt_state=jax.tree.map(keep, new.opt_state, state.opt_state))
+    metrics = dict(metrics, grad_norm=grad_norm, param_norm=optax.global_norm(state.params),
+                   update_norm=optax.global_norm(updates), lr=exp.lr_schedule(state.step),
+                   nonfinite=(~finite).astype(jnp.float32))
+    return new, metrics
+
+  return train_step
+
+
+def make_eval_step(exp: exp_lib.Experiment):
+  def eval_step(params, batch, key):
+    return exp.method.eval_sums(params, batch, key)
+  return eval_step
+
+
+def compile_steps(exp: exp_lib.Experiment):
+  """jit-compiles the train and eval steps with declared shardings and a donated state."""
+  state_sh = exp.state_shardings()
+  rep = parallel.replicated(exp.mesh)
+  train_step = jax.jit(make_train_step(exp), in_shardings=(state_sh, None, rep),
+                       out_shardings=(state_sh, rep), donate_argnums=(0,))
+  eval_step = jax.jit(make_eval_step(exp), out_shardings=rep)
+  return (parallel.in_sharding_context(train_step, exp.mesh),
+          parallel.in_sharding_context(eval_step, exp.mesh))
+
+
+def evaluate_nelbo(exp: exp_lib.Experiment, eval_step, params, num_batches: int | None,
+                   seed: int = 0) -> dict[str, float]:
+  """Sums the method's likelihood terms over (up to num_batches of) the eval split."""
+  it = exp_lib.make_eval_iterator(exp.config, exp.tokenizer)
+  nll, count, n = 0.0, 0.0, 0
+  key = jax.random.key(seed + 12345)
+  for i, local in enumerate(it):
+    if num_batches is not None and i >= num_batches:
+      break
+    batch = parallel.global_batch_from_local(local, exp.mesh)
+    out = eval_step(params, batch, jax.random.fold_in(key, i))
+    nll += float(out["nll_sum"])
+    count += float(out["token_count"])
+    n += 1
+  if n == 0:
+    raise RuntimeError("The evaluation split produced no batch; check config.data.eval_split.")
+  return dict(nelbo_nats_per_token=nll / max(count, 1.0),
+              bits_per_token=metrics_lib.bits_per_token(nll, count),
+              perplexity_bound=metrics_lib.perplexity_bound(nll, count),
+              tokens=count, batches=n, num_t=int(exp.config.diffusion.eval_num_t))
+
+
+# -- the loop ------------------------------------------------------------------------------------
+class _SigtermFlag:
+  def __init__(self):
+    self.raised = False
+    self._prev = None
+
+  def install(self):
+    if threading.current_thread() is threading.main_thread():
+      self._prev = signal.signal(signal.SIGTERM, self._handler)
+
+  def _handler(self, signum, frame):  # pylint: disable=unused-argument
+    logging.warning("SIGTERM received: saving a checkpoint at the end of this step.")
+    self.raised = True
+
+  def uninstall(self):
+    if self._prev is not None:
+      signal.signal(signal.SIGTERM, self._prev)
+
+
+def _any_process(flag: bool) -> bool:
+  if jax.process_count() == 1:
+    return flag
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return bool(np.any(multihost_utils.process_allgather(np.asarray(flag, np.int32))))
+
+
+def _restore_init_from(exp, state, workdir: str):
+  """Fine-tuning: take params (and EMA) from another run's newest checkpoint."""
+  other = ckpt_lib.Checkpointer(workdir, async_save=False)
+  step, restored, _ = other.restore(exp.abstract_state(), check_meta=exp.check_meta)
+  logging.info("Initialised parameters from %s (step %d).", workdir, step)
+  other.close()
+  return state.replace(params=restored.params,
+                       ema_params=restored.ema_params if state.ema_params is not None else None)
+
+
+def train(config, workdir: str, stop_after_steps: int | None = None) -> dict[str, Any]:
+  """Trains (or resumes) in `workdir`; returns the last logged metrics."""
+  exp = exp_lib.Experiment.create(config)
+  cfg = exp.config
+  main = parallel.is_main_process()
+  if main:
+    os.makedirs(workdir, exist_ok=True) if "://" not in workdir else None
+    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+      f.write(cfg.to_json_best_effort(indent=2))
+  logging.info("Mesh %s on %d devices (%d processes); %s parameters.", dict(exp.mesh.shape),
+               jax.device_count(), jax.process_count(), f"{exp.num_params():,}")
+
+  ckpt = ckpt_lib.Checkpointer(workdir, keep=cfg.train.keep_ckpts)
+  data_it = PrefetchIterator(exp_lib.make_train_iterator(cfg, exp.tokenizer), exp.mesh,
+                             cfg.data.prefetch)
+  start_step = 0
+  if ckpt.latest_step() is not None:
+    start_step, state, _ = ckpt.restore(exp.abstract_state(), data_iter=data_it,
+                                        check_meta=exp.check_meta)
+    logging.info("Resumed from step %d in %s.", start_step, ckpt.directory)
+    if main:
+      print(f"Resumed from checkpoint step {start_step}.", flush=True)
+  else:
+    state = exp.init_state(cfg.seed)
+    if cfg.train.init_from:
+      state = _restore_init_from(exp, state, cfg.train.init_from)
+
+  train_step, eval_step = compile_steps(exp)
+  base_key = jax.random.key(cfg.seed)
+  writer = metrics_lib.MetricWriter(workdir)
+  total = cfg.train.num_steps
+  tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_len
+  progress = metrics_lib.Progress(total, start_step, tokens_per_step)
+  sigterm = _SigtermFlag()
+  sigterm.install()
+  last_saved = start_step
+  pending: list[dict[str, jax.Array]] = []
+  last: dict[str, Any] = {}
+  meta = exp.checkpoint_meta()
+
+  def save(step: int, force: bool = False) -> None:
+    nonlocal last_saved
+    if step == last_saved and not force:
+      return
+    try:
+      ckpt.save(step, state, cfg, dict(meta, step=step), data_it, force=True)
+      last_saved = step
+    except Exception as e:  # pylint: disable=broad-except  # e.g. disk full
+      logging.error("Saving checkpoint %d failed (%s: %s); earlier checkpoints are intact.",
+                    step, type(e).__name__, e)
+
+  step = start_step
+  run_limit = total if stop_after_steps is None else min(total, start_step + stop_after_steps)
+  first_batch_printed = False
+  try:
+    while step < run_limit:
+      batch = next(data_it)
+      if main and cfg.train.print_batch and not first_batch_printed:
+        first_batch_printed = True
+        _print_first_batch(batch, exp.tokenizer)
+      state, metrics = train_step(state, batch, base_key)
+      step += 1
+      pending.append(metrics)
+      stop_now = _any_process(sigterm.raised) if (
+          jax.process_count() == 1 or step % 10 == 0) else False
+      if step % cfg.train.log_every == 0 or step == run_limit or stop_now:
+        fetched = jax.device_get(pending)
+        pending = []
+        mean = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
+        mean["nonfinite"] = float(np.sum([m["nonfinite"] for m in fetched]))
+        rates = progress.rates(step)
+        mean.update(rates)
+        writer.write_scalars(step, mean, prefix="train/")
+        progress.log(step, mean, rates)
+        last = mean
+        if mean["nonfinite"] > 0:
+          msg = (f"{int(mean['nonfinite'])} step(s) up to step {step} had a NaN/inf loss or "
+                 "gradient; those updates were not applied.")
+          if cfg.train.nan_policy == "stop":
+            raise NonFiniteLossError(
+                msg + f" Stopping (config.train.nan_policy='stop'); the last good checkpoint "
+                f"(step {last_saved}) is kept. Lower config.optim.lr or check the data, or set "
+                "config.train.nan_policy='skip'.")
+          logging.warning(msg + " Continuing (config.train.nan_policy='skip').")
+      if step % cfg.train.eval_every == 0 and step < total:
+        params = state.ema_params if state.ema_params is not None else state.params
+        ev = evaluate_nelbo(exp, eval_step, params, cfg.train.eval_batches)
+        writer.write_scalars(step, ev, prefix="eval/")
+        if main:
+          print(f"eval @ {step}: NELBO {ev['nelbo_nats_per_token']:.4f} nats/token, "
+                f"{ev['bits_per_token']:.3f} bits/token, PPL <= {ev['perplexity_bound']:.2f}",
+                flush=True)
+      if step % cfg.train.ckpt_every == 0:
+        save(step)
+      if stop_now:
+        logging.warning("Stopping at step %d after SIGTERM (checkpoint saved).", step)
+        break
+    save(step)
+  finally:
+    sigterm.uninstall()
+    data_it.close()
+    ckpt.wait()
+    ckpt.close()
+    writer.close()
+  if main and sigterm.raised:
+    print(f"Saved checkpoint at step {step} after SIGTERM; re-run the same command to resume.",
+          flush=True)
+  return dict(last, step=step)
+
+
+def _print_first_batch(batch: dict[str, jax.Array], tokenizer: Any) -> None:
+  """Decodes the start of the first row: catches tokenizer and packing bugs at once."""
+  try:
+    from dlm_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+    local = {k: np.asarray(jax.device_get(v.addressable_shards[0].data)) for k, v in batch.items()}
+    print("First batch, row 0:\n" + pipeline.describe_batch(local, tokenizer), flush=True)
+  except Exception as e:  # pylint: disable=broad-except
+    logging.warning("Could not decode the first batch for display: %s", e)

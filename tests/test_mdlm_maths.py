@@ -1,0 +1,159 @@
+"""MDLM maths against the oracles of spec/mdlm.md (closed forms, exact enumeration)."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dlm_jax.diffusion import mdlm
+from dlm_jax.diffusion import schedules
+
+SCHED = schedules.LogLinearSchedule()
+
+
+def test_schedules_weights():
+  t = jnp.array([0.1, 0.5, 0.9])
+  np.testing.assert_allclose(SCHED.weight(t), 1.0 / t, rtol=1e-6)
+  np.testing.assert_allclose(schedules.LogLinearSchedule(eps=1e-3).weight(t), 1.0 / t, rtol=1e-6)
+  cos = schedules.CosineSchedule()
+  assert float(cos.alpha(0.0)) == pytest.approx(1.0)
+  assert float(cos.alpha(1.0)) == pytest.approx(0.0, abs=1e-7)
+  # Near t = 0 the cosine weight behaves like 2/t.
+  assert float(cos.weight(1e-2)) * 1e-2 == pytest.approx(2.0, rel=2e-3)
+  with pytest.raises(ValueError, match="config.diffusion.schedule"):
+    schedules.get_schedule("linear")
+
+
+def test_o1_uniform_fixed_mask_instance():
+  # V' = 4 real tokens + MASK (id 4); uniform logits over the real ones.
+  logits = jnp.zeros((1, 4, 5))
+  x0 = jnp.array([[0, 1, 2, 3]])
+  is_masked = jnp.array([[True, False, True, False]])
+  valid = jnp.ones((1, 4), bool)
+  for t, summed, token in ((0.25, 11.0903549, 2.7725887), (0.5, 5.5451774, 1.3862944)):
+    loss_sum, _ = mdlm.mdlm_loss(logits, x0, is_masked, jnp.array([t]), SCHED, valid, 4, "sum")
+    loss_tok, _ = mdlm.mdlm_loss(logits, x0, is_masked, jnp.array([t]), SCHED, valid, 4, "token")
+    assert float(loss_sum) == pytest.approx(summed, rel=1e-6)
+    assert float(loss_tok) == pytest.approx(token, rel=1e-6)
+
+
+@pytest.mark.parametrize("schedule", [schedules.LogLinearSchedule(), schedules.CosineSchedule()])
+def test_o1_uniform_expectation_is_log_v(schedule):
+  b, l, v = 4096, 16, 5
+  x0 = jax.random.randint(jax.random.key(0), (b, l), 0, 4)
+  fn = lambda xt: jnp.zeros(xt.shape + (v,))  # noqa: E731
+  per_seq = mdlm.nelbo(fn, x0, jnp.ones((b, l), bool), jax.random.key(1), schedule, 4, num_t=4)
+  est = float(jnp.sum(per_seq) / (b * l))
+  se = float(jnp.std(per_seq / l) / math.sqrt(b))
+  assert abs(est - math.log(4)) < 4 * se + 1e-3, (est, se)
+
+
+def test_o2_context_free_model_matches_data_nll():
+  q = jnp.array([0.5, 0.25, 0.25])
+  b, l = 4096, 8
+  x0 = jax.random.categorical(jax.random.key(2), jnp.log(q), shape=(b, l))
+  logits = jnp.concatenate([jnp.log(q), jnp.array([0.0])])  # mask column ignored by SUBS
+  fn = lambda xt: jnp.broadcast_to(logits, xt.shape + (4,))  # noqa: E731
+  per_seq = mdlm.nelbo(fn, x0, jnp.ones((b, l), bool), jax.random.key(3), SCHED, 3, num_t=8)
+  target = float(-jnp.mean(jnp.log(q)[x0]))  # -(1/L) sum log q(x0_l), averaged
+  est = float(jnp.mean(per_seq) / l)
+  se = float(jnp.std(per_seq / l) / math.sqrt(b))
+  assert abs(est - target) < 4 * se, (est, target, se)
+  assert target == pytest.approx(1.0397208, abs=0.02)  # the entropy, up to sampling noise
+
+
+def test_o3_perfect_predictor_zero():
+  x0 = jax.random.randint(jax.random.key(4), (8, 16), 0, 10)
+  logits = jnp.where(jax.nn.one_hot(x0, 11) > 0, 0.0, -1e9)
+  xt, m = mdlm.forward_mask(jax.random.key(5), x0, jnp.full((8,), 0.7), jnp.ones((8, 16), bool),
+                            SCHED, 10)
+  loss, aux = mdlm.mdlm_loss(logits, x0, m, jnp.full((8,), 0.7), SCHED, jnp.ones((8, 16), bool),
+                             10, "token")
+  assert float(loss) == pytest.approx(0.0, abs=1e-6)
+  assert float(aux["masked_count"]) > 0
+
+
+def test_no_masked_slot_contributes_zero_not_nan():
+  x0 = jnp.zeros((2, 4), jnp.int32)
+  loss, aux = mdlm.mdlm_loss(jnp.zeros((2, 4, 3)), x0, jnp.zeros((2, 4), bool),
+                             jnp.array([1e-3, 0.5]), SCHED, jnp.ones((2, 4), bool), 2, "token")
+  assert float(loss) == 0.0 and np.all(np.isfinite(aux["per_seq"]))
+
+
+def _bayes(data: dict[str, float]):
+  """Exact p(x0_l | visible) of a small distribution over 2-letter strings 'a'/'b'."""
+  seqs = np.array([[{"a": 0, "b": 1}[c] for c in s] for s in data])
+  probs = np.array(list(data.values()))
+
+  def log_prob_fn(x0, mask):
+    consistent = np.all((seqs == x0) | mask[None], axis=1)
+    post = probs * consistent
+    post = post / post.sum()
+    return np.log(np.array([post[seqs[:, l] == x0[l]].sum() for l in range(len(x0))]))
+
+  def logits_fn(xt):  # jnp version for the Monte Carlo estimator; MASK id = 2
+    s = jnp.asarray(seqs)
+    consistent = jnp.all((xt[:, None, :] == 2) | (xt[:, None, :] == s[None]), axis=-1)
+    post = jnp.asarray(probs)[None] * consistent
+    post = post / jnp.sum(post, axis=1, keepdims=True)
+    marg = jnp.einsum("bd,dlv->blv", post, jax.nn.one_hot(s, 3))
+    return jnp.log(marg + 1e-30)
+
+  return log_prob_fn, logits_fn
+
+
+def test_o4_exact_enumeration():
+  lp, _ = _bayes({"aa": 0.5, "bb": 0.5})
+  assert mdlm.exact_nelbo_enumerate(lp, np.array([0, 0])) == pytest.approx(0.6931472, abs=1e-6)
+  data = {"ab": 0.5, "ba": 0.25, "aa": 0.25}
+  lp, _ = _bayes(data)
+  got = [mdlm.exact_nelbo_enumerate(lp, np.array([{"a": 0, "b": 1}[c] for c in s])) for s in data]
+  np.testing.assert_allclose(got, [0.6931472, 1.3862944, 1.3862944], atol=1e-6)
+  assert sum(p * g for p, g in zip(data.values(), got)) == pytest.approx(1.0397208, abs=1e-6)
+
+
+def test_monte_carlo_nelbo_converges_to_exact():
+  data = {"ab": 0.5, "ba": 0.25, "aa": 0.25}
+  _, logits_fn = _bayes(data)
+  b = 8192
+  for s, exact in (("ab", 0.6931472), ("ba", 1.3862944)):
+    x0 = jnp.tile(jnp.array([[{"a": 0, "b": 1}[c] for c in s]]), (b, 1))
+    per_seq = mdlm.nelbo(logits_fn, x0, jnp.ones((b, 2), bool), jax.random.key(7), SCHED, 2,
+                         num_t=8)
+    se = float(jnp.std(per_seq) / math.sqrt(b))
+    assert abs(float(jnp.mean(per_seq)) - exact) < 4 * se + 1e-3, (s, float(jnp.mean(per_seq)))
+
+
+def test_o5_subs_cross_entropy_and_carry_over():
+  logits = jnp.array([[[2.0, 1.0, 0.0, 5.0]]])
+  ce = mdlm.masked_cross_entropy(logits, jnp.array([[0]]), mask_id=3)
+  assert float(ce[0, 0]) == pytest.approx(0.4076060, abs=1e-6)
+  lp = mdlm.subs_log_probs(logits, jnp.array([[1]]), mask_id=3)
+  np.testing.assert_array_equal(np.exp(np.asarray(lp[0, 0])), [0.0, 1.0, 0.0, 0.0])
+  lp_masked = mdlm.subs_log_probs(logits, jnp.array([[3]]), mask_id=3)
+  assert float(jnp.exp(lp_masked[0, 0, 3])) == 0.0
+
+
+def test_o6_stratified_times():
+  n, t_min = 4, 1e-3
+  key = jax.random.key(11)
+  t = mdlm.sample_times(key, n, t_min, "stratified")
+  u = jnp.array([jax.random.uniform(jax.random.fold_in(key, i)) for i in range(n)])
+  np.testing.assert_allclose(t, t_min + (1 - t_min) * (jnp.arange(n) + u) / n, rtol=1e-6)
+  # With all U_i = 0.5 the formula gives the spec's values.
+  np.testing.assert_allclose(t_min + (1 - t_min) * (jnp.arange(n) + 0.5) / n,
+                             [0.125875, 0.375625, 0.625375, 0.875125], rtol=1e-6)
+  for seed in range(50):
+    t = np.asarray(mdlm.sample_times(jax.random.key(seed), n, t_min))
+    strata = np.floor((t - t_min) / (1 - t_min) * n).astype(int)
+    np.testing.assert_array_equal(np.sort(strata), np.arange(n))
+
+
+def test_stratified_slices_match_global_batch():
+  key = jax.random.key(3)
+  full = mdlm.sample_times(key, 8, 1e-3, "stratified")
+  parts = [mdlm.sample_times(key, 2, 1e-3, "stratified", index_offset=i, global_batch=8)
+           for i in range(0, 8, 2)]
+  np.testing.assert_allclose(jnp.concatenate(parts), full, rtol=1e-7)
