@@ -124,7 +124,7 @@ def make_train_step(exp: exp_lib.Experiment):
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     if state.ema_params is not None:
       ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p,
@@ -139,8 +139,8 @@ def make_train_step(exp: exp_lib.Experiment):
         step=new.step, params=jax.tree.map(keep, new.params, state.params),
         ema_params=jax.tree.map(keep, new.ema_params, state.ema_params),
         opt_state=jax.tree.map(keep, new.opt_state, state.opt_state))
-    metrics = dict(metrics, grad_norm=grad_norm, param_norm=optax.global_norm(state.params),
-                   update_norm=optax.global_norm(updates), lr=exp.lr_schedule(state.step),
+    metrics = dict(metrics, grad_norm=grad_norm, param_norm=optax.tree.norm(state.params),
+                   update_norm=optax.tree.norm(updates), lr=exp.lr_schedule(state.step),
                    nonfinite=(~finite).astype(jnp.float32))
     return new, metrics
 

@@ -106,7 +106,6 @@ class MDLM(Method):
 
   def sample(self, params, key, sample_cfg, prompt=None) -> dict[str, Any]:
     """Generates sample_cfg.batch_size rows; returns tokens, nfe and decoder statistics."""
-    from dlm_jax.sampling import ancestral, blockwise, r2  # pylint: disable=g-import-not-at-top
     s = sample_cfg
     b = s.batch_size
     if prompt is None:
@@ -121,24 +120,42 @@ class MDLM(Method):
     if total > self.model_cfg.max_len:
       raise ValueError(f"prompt ({prompt.shape[1]}) + sample.gen_len ({gen_len}) = {total} is "
                        f"longer than model.max_len={self.model_cfg.max_len}.")
-    fn = self.logits_fn(params)
-    if s.decoder == "ancestral":
-      x_init = jnp.concatenate([prompt, jnp.full((b, gen_len), self.ids.mask, jnp.int32)], 1)
-      maskable = jnp.arange(total)[None, :] >= prompt.shape[1]
-      maskable = jnp.broadcast_to(maskable, (b, total))
-      tokens, nfe = ancestral.ancestral_sample(
-          fn, key, x_init, maskable, self.ids.mask, s.num_steps, schedule=self.config.diffusion.schedule,
-          t_final=s.t_final, use_cache=s.use_cache, final_argmax=s.t_final > 0)
-      return dict(tokens=tokens, nfe=nfe, prompt_len=prompt.shape[1], gen_len=gen_len)
-    if gen_len % s.block_len:
+    if s.decoder != "ancestral" and gen_len % s.block_len:
       raise ValueError(f"sample.gen_len={gen_len} must be a multiple of sample.block_len="
                        f"{s.block_len}.")
-    if s.decoder == "fixed_k":
-      res = blockwise.decode_fixed_k(fn, prompt, gen_len, s.block_len, s.num_steps,
-                                     mask_id=self.ids.mask)
-    else:
-      r2_cfg = r2.R2Config.from_flags(s.r2, tau=s.tau) if s.r2 else None
-      res = blockwise.decode_threshold(fn, prompt, gen_len, s.block_len, tau=s.tau,
-                                       mask_id=self.ids.mask, r2=r2_cfg)
-    return dict(tokens=res.tokens, nfe=res.nfe, prompt_len=prompt.shape[1], gen_len=gen_len,
-                commit_step=res.commit_step, commit_rule=res.commit_rule)
+    run = self._compiled_sampler(s, gen_len)
+    out = run(params, key, prompt)
+    return dict(out, prompt_len=prompt.shape[1], gen_len=gen_len)
+
+  def _compiled_sampler(self, s, gen_len: int):
+    """One jitted sampler per (decoder settings, gen_len); params, key, prompt are traced."""
+    from dlm_jax.sampling import ancestral, blockwise, r2  # pylint: disable=g-import-not-at-top
+    cache_key = (s.decoder, s.num_steps, s.block_len, float(s.tau), float(s.t_final),
+                 bool(s.use_cache), s.r2, gen_len)
+    cache = self.__dict__.setdefault("_sampler_cache", {})
+    if cache_key in cache:
+      return cache[cache_key]
+    schedule = self.config.diffusion.schedule
+    r2_cfg = r2.R2Config.from_flags(s.r2, tau=s.tau) if s.r2 else None
+
+    def run(params, key, prompt):
+      fn = self.logits_fn(params)
+      b, p = prompt.shape
+      if s.decoder == "ancestral":
+        x_init = jnp.concatenate([prompt, jnp.full((b, gen_len), self.ids.mask, jnp.int32)], 1)
+        maskable = jnp.broadcast_to(jnp.arange(p + gen_len)[None, :] >= p, (b, p + gen_len))
+        tokens, nfe = ancestral.ancestral_sample(
+            fn, key, x_init, maskable, self.ids.mask, s.num_steps, schedule=schedule,
+            t_final=s.t_final, use_cache=s.use_cache, final_argmax=s.t_final > 0)
+        return dict(tokens=tokens, nfe=nfe)
+      if s.decoder == "fixed_k":
+        res = blockwise.decode_fixed_k(fn, prompt, gen_len, s.block_len, s.num_steps,
+                                       mask_id=self.ids.mask)
+      else:
+        res = blockwise.decode_threshold(fn, prompt, gen_len, s.block_len, tau=s.tau,
+                                         mask_id=self.ids.mask, r2=r2_cfg)
+      return dict(tokens=res.tokens, nfe=res.nfe, commit_step=res.commit_step,
+                  commit_rule=res.commit_rule)
+
+    cache[cache_key] = jax.jit(run)
+    return cache[cache_key]

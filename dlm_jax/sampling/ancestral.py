@@ -1,0 +1,300 @@
+"""MDLM ancestral sampler ("ddpm_cache") with caching and float64 draws, and its scheduled
+heavy/light variant (arXiv 2604.02340).
+
+Grid t_i = 1 - i (1 - t_final) / T, i = 0..T; step i goes from t = t_i to s = t_{i+1}. Each
+masked, maskable slot draws from the unnormalised weights
+  token v (v != mask): p_theta(v | x_t) (alpha_s - alpha_t),   stay masked: 1 - alpha_s;
+other slots are copied. SUBS: the mask column of the logits gets -inf before the softmax.
+
+Caching: the denoiser has no time input, so when a step changed no token of sample b (and the
+model did not switch), the next step reuses b's previous logits. The batch forward runs (under
+`lax.cond`) only when some sample needs it; NFE is counted per sample.
+
+`logits_fn(tokens [B, L] int32) -> logits [B, L, V] float32` is a closure made by the caller
+(model and parameters); it is called inside the loop. The samplers are jittable (keep the
+Python arguments static). Run them under `jax.enable_x64(True)` for float64 draws.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional, Sequence, Tuple, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dlm_jax.sampling.common import categorical_f64, sampling_dtype
+
+LogitsFn = Callable[[jax.Array], jax.Array]
+Schedule = Union[str, Callable[[jax.Array], jax.Array], object]
+
+
+def alpha_fn(schedule: Schedule) -> Callable[[jax.Array], jax.Array]:
+  """alpha(t) of a noise schedule.
+
+  Args:
+    schedule: "loglinear" (alpha_t = 1 - t), "cosine" (alpha_t = cos(pi t / 2)), a callable
+      t -> alpha_t, or an object with an `alpha(t)` method (e.g. a schedules.py object).
+
+  Returns:
+    A function t -> alpha_t.
+  """
+  if isinstance(schedule, str):
+    if schedule == "loglinear":
+      return lambda t: 1.0 - t
+    if schedule == "cosine":
+      return lambda t: jnp.cos(0.5 * math.pi * t)
+    raise ValueError(f"schedule must be 'loglinear', 'cosine', a callable or an object with "
+                     f"alpha(t); got {schedule!r}")
+  if hasattr(schedule, "alpha"):
+    return schedule.alpha
+  if callable(schedule):
+    return schedule
+  raise ValueError(f"schedule must be 'loglinear', 'cosine', a callable or an object with "
+                   f"alpha(t); got {schedule!r}")
+
+
+def subs_log_probs(logits: jax.Array, mask_id: int, dtype=None) -> jax.Array:
+  """log_softmax over V with the mask column set to -inf (SUBS), in `dtype`.
+
+  Args:
+    logits: [..., V] raw logits.
+    mask_id: id of [MASK].
+    dtype: computation dtype (default `sampling_dtype()`).
+
+  Returns:
+    [..., V] log probabilities, -inf at mask_id.
+  """
+  dtype = sampling_dtype() if dtype is None else dtype
+  x = logits.astype(dtype).at[..., mask_id].set(-jnp.inf)
+  return jax.nn.log_softmax(x, axis=-1)
+
+
+def ancestral_step_log_weights(log_probs: jax.Array, t, s, mask_id: int,
+                               schedule: Schedule = "loglinear") -> jax.Array:
+  """Normalised log weights of one step t -> s for a masked slot.
+
+  Entry v != mask_id is log[p_theta(v) (alpha_s - alpha_t) / (1 - alpha_t)], the mask_id
+  entry is the stay probability log[(1 - alpha_s) / (1 - alpha_t)].
+
+  Args:
+    log_probs: [..., V] SUBS log probabilities (-inf at mask_id).
+    t: current time (scalar), t > s.
+    s: next time (scalar).
+    mask_id: id of [MASK].
+    schedule: see `alpha_fn`.
+
+  Returns:
+    [..., V] log weights summing (in probability) to 1.
+  """
+  alpha = alpha_fn(schedule)
+  dtype = log_probs.dtype
+  t = jnp.asarray(t, dtype)
+  s = jnp.asarray(s, dtype)
+  a_t, a_s = alpha(t), alpha(s)
+  log_norm = jnp.log1p(-a_t)
+  log_reveal = jnp.log(a_s - a_t) - log_norm
+  log_stay = jnp.log1p(-a_s) - log_norm
+  w = log_probs + log_reveal
+  return w.at[..., mask_id].set(jnp.broadcast_to(log_stay, w.shape[:-1]))
+
+
+def _inverse_cdf_draw(log_w: jax.Array, u: jax.Array, mask_id: int) -> jax.Array:
+  """Inverse-CDF draw with the stay outcome first, then tokens in id order.
+
+  Putting "stay" first makes the reveal decision depend only on u and the time grid, not on
+  the model, so schedules sharing uniforms reveal the same slots at the same steps.
+
+  Args:
+    log_w: [B, L, V] normalised step log weights (stay at mask_id).
+    u: [B, L] uniforms in [0, 1).
+    mask_id: id of [MASK].
+
+  Returns:
+    [B, L] int32 (mask_id = stay).
+  """
+  v = log_w.shape[-1]
+  p_stay = jnp.exp(log_w[..., mask_id])
+  p_tok = jnp.exp(log_w).at[..., mask_id].set(0.0)
+  cdf = jnp.cumsum(p_tok, axis=-1)
+  cdf = cdf / cdf[..., -1:]
+  u2 = (u - p_stay) / (1.0 - p_stay)
+  idx = jnp.sum(cdf <= u2[..., None], axis=-1)
+  positive = p_tok > 0
+  last_pos = v - 1 - jnp.argmax(positive[..., ::-1], axis=-1)
+  idx = jnp.minimum(idx, last_pos)
+  return jnp.where(u < p_stay, mask_id, idx).astype(jnp.int32)
+
+
+def _check_common(x_init, maskable, num_steps, t_final, uniforms):
+  if x_init.ndim != 2:
+    raise ValueError(f"x_init must be [B, L] int32, got shape {x_init.shape}")
+  if maskable.shape != x_init.shape:
+    raise ValueError(f"maskable shape {maskable.shape} must equal x_init shape {x_init.shape}")
+  if int(num_steps) < 1:
+    raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+  if not 0.0 <= float(t_final) < 1.0:
+    raise ValueError(f"t_final must lie in [0, 1), got {t_final}")
+  if uniforms is not None and tuple(uniforms.shape) != (int(num_steps),) + tuple(x_init.shape):
+    raise ValueError(f"uniforms must have shape [T, B, L] = {(num_steps,) + tuple(x_init.shape)},"
+                     f" got {tuple(uniforms.shape)}")
+
+
+def _sample(logits_fns: Sequence[LogitsFn], key: jax.Array, model_id: jax.Array,
+            x_init: jax.Array, maskable: jax.Array, mask_id: int, num_steps: int,
+            schedule: Schedule, t_final: float, use_cache: bool, final_argmax: bool,
+            uniforms: Optional[jax.Array]) -> Tuple[jax.Array, jax.Array]:
+  """Core loop; returns (tokens [B, L], nfe [M, B]) with M = len(logits_fns)."""
+  n_models = len(logits_fns)
+  dtype = sampling_dtype()
+  alpha = alpha_fn(schedule)
+  x_init = jnp.asarray(x_init, jnp.int32)
+  maskable = jnp.asarray(maskable, jnp.bool_)
+  b, l = x_init.shape
+  t_steps = int(num_steps)
+  dt = (1.0 - float(t_final)) / t_steps
+  model_id = jnp.asarray(model_id, jnp.int32)
+  if uniforms is not None:
+    uniforms = jnp.asarray(uniforms, dtype)
+
+  def forward(m, tokens):
+    if n_models == 1:
+      return logits_fns[0](tokens).astype(jnp.float32)
+    branches = [lambda tok, f=f: f(tok).astype(jnp.float32) for f in logits_fns]
+    return jax.lax.switch(m, branches, tokens)
+
+  # Shape of the logits, traced once (no FLOPs are spent: eval_shape).
+  v = jax.eval_shape(logits_fns[0], x_init).shape[-1]
+
+  def refresh(st, m):
+    """Recomputes the logits of samples that need them; returns logits, need."""
+    tokens = st["tokens"]
+    has_mask = jnp.any((tokens == mask_id) & maskable, axis=-1)
+    if use_cache:
+      current = st["cache_ok"] & (st["cache_model"] == m)
+      need = has_mask & ~current
+    else:
+      need = has_mask
+    logits = jax.lax.cond(jnp.any(need), lambda: forward(m, tokens), lambda: st["logits"])
+    logits = jnp.where(need[:, None, None], logits, st["logits"])
+    nfe = st["nfe"].at[m].add(need.astype(jnp.int32))
+    return logits, need, nfe
+
+  def body(i, st):
+    m = model_id[i]
+    tokens = st["tokens"]
+    masked = (tokens == mask_id) & maskable
+    logits, need, nfe = refresh(st, m)
+    t = 1.0 - i.astype(dtype) * dt
+    s = 1.0 - (i + 1).astype(dtype) * dt
+    log_w = ancestral_step_log_weights(subs_log_probs(logits, mask_id, dtype), t, s, mask_id,
+                                       alpha)
+    if uniforms is None:
+      draw = categorical_f64(jax.random.fold_in(key, i), log_w)
+    else:
+      draw = _inverse_cdf_draw(log_w, uniforms[i], mask_id)
+    new_tokens = jnp.where(masked, draw, tokens)
+    changed = jnp.any(new_tokens != tokens, axis=-1)
+    current = need | (st["cache_ok"] & (st["cache_model"] == m))
+    return dict(tokens=new_tokens, logits=logits, nfe=nfe,
+                cache_ok=current & ~changed,
+                cache_model=jnp.where(need, m, st["cache_model"]))
+
+  state = dict(
+      tokens=x_init,
+      logits=jnp.zeros((b, l, v), jnp.float32),
+      nfe=jnp.zeros((n_models, b), jnp.int32),
+      cache_ok=jnp.zeros((b,), jnp.bool_),
+      cache_model=jnp.full((b,), -1, jnp.int32),
+  )
+  state = jax.lax.fori_loop(0, t_steps, body, state)
+  if final_argmax:
+    m = model_id[t_steps - 1]
+    logits, _, nfe = refresh(state, m)
+    logp = subs_log_probs(logits, mask_id, jnp.float32)
+    best = jnp.argmax(logp, axis=-1).astype(jnp.int32)
+    masked = (state["tokens"] == mask_id) & maskable
+    state = dict(state, tokens=jnp.where(masked, best, state["tokens"]), nfe=nfe)
+  return state["tokens"], state["nfe"]
+
+
+def ancestral_sample(logits_fn: Union[LogitsFn, Sequence[LogitsFn]], key: jax.Array,
+                     x_init: jax.Array, maskable: jax.Array, mask_id: int, num_steps: int,
+                     schedule: Schedule = "loglinear", t_final: float = 0.0,
+                     use_cache: bool = True, final_argmax: bool = False,
+                     model_id: Optional[jax.Array] = None,
+                     uniforms: Optional[jax.Array] = None) -> Tuple[jax.Array, jax.Array]:
+  """MDLM ancestral sampling with caching.
+
+  Args:
+    logits_fn: closure tokens [B, L] int32 -> logits [B, L, V]; or a sequence of such closures
+      selected per step by `model_id`.
+    key: PRNG key; step i draws with fold_in(key, i).
+    x_init: [B, L] int32 start (prompt tokens, mask_id at slots to generate).
+    maskable: [B, L] bool, slots the sampler may fill (a maskable slot holding mask_id is
+      generated; any other slot is copied).
+    mask_id: id of [MASK].
+    num_steps: T.
+    schedule: "loglinear" (default), "cosine", a callable t -> alpha_t or a schedule object.
+    t_final: end of the time grid, in [0, 1). With 0 no mask survives the last step.
+    use_cache: reuse a sample's logits when its tokens (and the model) did not change.
+    final_argmax: after the loop fill leftover masks with the argmax (one more pass for the
+      samples that need it; used with t_final > 0).
+    model_id: [T] int32 index into `logits_fn` per step (None: all 0). A switch invalidates
+      the cache.
+    uniforms: optional [T, B, L] uniforms in [0, 1) for common random numbers: step i draws by
+      inverse CDF from uniforms[i] (stay first, then token ids in order) instead of Gumbel.
+
+  Returns:
+    (tokens [B, L] int32, nfe [B] int32 forward passes that updated each sample, all models).
+  """
+  fns = tuple(logits_fn) if isinstance(logits_fn, (list, tuple)) else (logits_fn,)
+  x_init = jnp.asarray(x_init)
+  maskable = jnp.asarray(maskable)
+  _check_common(x_init, maskable, num_steps, t_final, uniforms)
+  if model_id is None:
+    model_id = jnp.zeros((int(num_steps),), jnp.int32)
+  elif tuple(np.shape(model_id)) != (int(num_steps),):
+    raise ValueError(f"model_id must have shape [num_steps] = ({num_steps},), "
+                     f"got {tuple(np.shape(model_id))}")
+  tokens, nfe = _sample(fns, key, model_id, x_init, maskable, mask_id, num_steps, schedule,
+                        t_final, use_cache, final_argmax, uniforms)
+  return tokens, jnp.sum(nfe, axis=0)
+
+
+def scheduled_ancestral_sample(heavy_fn: LogitsFn, light_fn: LogitsFn, key: jax.Array,
+                               is_light, x_init: jax.Array, maskable: jax.Array, mask_id: int,
+                               num_steps: int, schedule: Schedule = "loglinear",
+                               t_final: float = 0.0, use_cache: bool = True,
+                               final_argmax: bool = False,
+                               uniforms: Optional[jax.Array] = None
+                               ) -> Tuple[jax.Array, jax.Array, jax.Array]:
+  """Ancestral sampling where step i runs the light model if is_light[i], else the heavy one.
+
+  Same draws as `ancestral_sample` for the same key: an all-heavy schedule reproduces it bit
+  for bit. A model switch invalidates the cache.
+
+  Args:
+    heavy_fn: heavy closure tokens [B, L] -> logits [B, L, V].
+    light_fn: light closure with the same interface.
+    key: PRNG key.
+    is_light: [T] bool (or a `ModelSchedule`, expanded).
+    x_init, maskable, mask_id, num_steps, schedule, t_final, use_cache, final_argmax, uniforms:
+      as in `ancestral_sample`.
+
+  Returns:
+    (tokens [B, L] int32, nfe_heavy [B] int32, nfe_light [B] int32).
+  """
+  if hasattr(is_light, "expand"):
+    is_light = is_light.expand()
+  x_init = jnp.asarray(x_init)
+  maskable = jnp.asarray(maskable)
+  _check_common(x_init, maskable, num_steps, t_final, uniforms)
+  if tuple(np.shape(is_light)) != (int(num_steps),):
+    raise ValueError(f"is_light must have shape [num_steps] = ({num_steps},), "
+                     f"got {tuple(np.shape(is_light))}")
+  model_id = jnp.asarray(is_light).astype(jnp.int32)
+  tokens, nfe = _sample((heavy_fn, light_fn), key, model_id, x_init, maskable, mask_id,
+                        num_steps, schedule, t_final, use_cache, final_argmax, uniforms)
+  return tokens, nfe[0], nfe[1]

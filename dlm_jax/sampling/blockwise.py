@@ -1,0 +1,255 @@
+"""Blockwise semi-autoregressive decoding (LLaDA fixed-k, Fast-dLLM threshold, R²-dLLM).
+
+State: tokens = [prompt, G masks]. The G generated slots form G / block_len blocks decoded
+left to right. Every forward pass sees the whole sequence, but only masked slots of a sample's
+active block (its first block that still has a mask) may be committed. Per pass and candidate
+slot: yhat = argmax over non-mask ids (temperature 0) and c = softmax probability of yhat with
+the mask column removed.
+
+The whole decode is one `lax.while_loop`; samples progress independently (each has its own
+active block), a pass counts as one NFE only for samples it updates, a sample with no mask left
+stops counting, an already full block never costs a pass, and committed tokens never change.
+
+`logits_fn(tokens [B, L] int32) -> logits [B, L, V]` is a closure made by the caller (model
+and parameters). The decoders are jittable: wrap them as
+`jax.jit(lambda p: decode_threshold(fn, p, gen_len=..., ...))` with Python settings fixed.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import jax
+import jax.numpy as jnp
+
+from dlm_jax.sampling import r2 as r2_lib
+from dlm_jax.sampling.common import DecodeResult, categorical_f64
+
+LogitsFn = Callable[[jax.Array], jax.Array]
+
+
+def num_transfer_tokens(n_masked: jax.Array, steps: int) -> jax.Array:
+  """LLaDA fixed-k schedule: n_j = floor(m / S) + 1[j < m mod S] for j < S.
+
+  Args:
+    n_masked: [B] int masked slots m at block start.
+    steps: passes S for the block.
+
+  Returns:
+    [B, steps] int32, each row summing to m.
+  """
+  if steps < 1:
+    raise ValueError(f"num_transfer_tokens: steps must be >= 1, got {steps}")
+  m = jnp.asarray(n_masked, jnp.int32)
+  j = jnp.arange(steps, dtype=jnp.int32)
+  return (m[..., None] // steps + (j < (m[..., None] % steps)).astype(jnp.int32)).astype(jnp.int32)
+
+
+def _check_lengths(prompt_tokens, gen_len: int, block_len: int) -> None:
+  if prompt_tokens.ndim != 2:
+    raise ValueError(f"prompt_tokens must be [B, P], got shape {prompt_tokens.shape}")
+  if block_len < 1:
+    raise ValueError(f"block_len must be >= 1, got {block_len}")
+  if gen_len < 1 or gen_len % block_len:
+    raise ValueError(f"gen_len ({gen_len}) must be a positive multiple of block_len ({block_len})")
+
+
+def _block_slice(x: jax.Array, start: jax.Array, size: int) -> jax.Array:
+  """Per-row dynamic slice: x [B, N, ...], start [B] -> [B, size, ...]."""
+  def one(row, s):
+    starts = (s,) + (jnp.zeros((), s.dtype),) * (row.ndim - 1)  # one index dtype under x64
+    return jax.lax.dynamic_slice(row, starts, (size,) + row.shape[1:])
+  return jax.vmap(one)(x, start)
+
+
+def _block_update(x: jax.Array, upd: jax.Array, start: jax.Array) -> jax.Array:
+  """Per-row dynamic update: x [B, N, ...] with upd [B, size, ...] at start [B]."""
+  def one(row, u, s):
+    starts = (s,) + (jnp.zeros((), s.dtype),) * (row.ndim - 1)  # one index dtype under x64
+    return jax.lax.dynamic_update_slice(row, u, starts)
+  return jax.vmap(one)(x, upd, start)
+
+
+def _decode(logits_fn: LogitsFn, prompt_tokens: jax.Array, gen_len: int, block_len: int,
+            mask_id: int, policy: str, *, steps_per_block: int = 0, tau: float = 0.9,
+            temperature: float = 0.0, key: Optional[jax.Array] = None,
+            r2: Optional[r2_lib.R2Config] = None, max_passes: Optional[int] = None
+            ) -> DecodeResult:
+  """Shared decode loop; `policy` is "fixed_k" or "threshold"."""
+  prompt_tokens = jnp.asarray(prompt_tokens, jnp.int32)
+  b, p = prompt_tokens.shape
+  g, lb = gen_len, block_len
+  n_blocks = g // lb
+  # Every pass commits >= 1 slot, so G passes always finish a sample.
+  cap = g if max_passes is None else min(int(max_passes), g)
+  tokens0 = jnp.concatenate([prompt_tokens, jnp.full((b, g), mask_id, jnp.int32)], axis=1)
+  offs = jnp.arange(lb, dtype=jnp.int32)
+  if key is None:
+    key = jax.random.PRNGKey(0)
+
+  state = dict(
+      tokens=tokens0,
+      nfe=jnp.zeros((b,), jnp.int32),
+      commit_step=jnp.full((b, g), -1, jnp.int32),
+      commit_conf=jnp.zeros((b, g), jnp.float32),
+      commit_rule=jnp.full((b, g), -1, jnp.int8),
+      tracker=r2_lib.Tracker.empty((b, g)),
+      cur_block=jnp.full((b,), -1, jnp.int32),
+      block_m=jnp.zeros((b,), jnp.int32),
+      j=jnp.zeros((b,), jnp.int32),
+      it=jnp.zeros((), jnp.int32),
+  )
+
+  def active_of(st):
+    gmask = st["tokens"][:, p:] == mask_id
+    return jnp.any(gmask, axis=-1) & (st["nfe"] < cap)
+
+  def cond(st):
+    return jnp.any(active_of(st)) & (st["it"] < cap)
+
+  def body(st):
+    tokens = st["tokens"]
+    gmask = tokens[:, p:] == mask_id  # [B, G]
+    active = active_of(st)
+    blk = jnp.argmax(jnp.any(gmask.reshape(b, n_blocks, lb), axis=-1), axis=-1).astype(jnp.int32)
+    gstart = blk * lb  # [B] offset inside the generated region
+    logits = logits_fn(tokens)  # [B, P+G, V]
+    blogits = _block_slice(logits, p + gstart, lb).astype(jnp.float32)  # [B, Lb, V]
+    blogits = blogits.at[..., mask_id].set(-jnp.inf)
+    logp = jax.nn.log_softmax(blogits, axis=-1)
+    if temperature > 0.0:
+      kk = jax.random.fold_in(key, st["it"])
+      yhat = categorical_f64(kk, blogits / temperature)
+    else:
+      yhat = jnp.argmax(logp, axis=-1).astype(jnp.int32)
+    conf = jnp.exp(jnp.take_along_axis(logp, yhat[..., None], axis=-1)[..., 0])  # [B, Lb]
+    m0 = _block_slice(gmask, gstart, lb) & active[:, None]
+
+    tracker = st["tracker"]
+    new_block = blk != st["cur_block"]
+    block_m = jnp.where(new_block, jnp.sum(m0, axis=-1), st["block_m"]).astype(jnp.int32)
+    j = jnp.where(new_block, 0, st["j"])
+    if policy == "fixed_k":
+      n_j = block_m // steps_per_block + (j < block_m % steps_per_block).astype(jnp.int32)
+      n_j = jnp.maximum(n_j, 1)
+      scored = jnp.where(m0, conf, -1.0)
+      order = jnp.argsort(-scored, axis=-1, stable=True)
+      rank = jnp.argsort(order, axis=-1, stable=True)
+      c1 = m0 & (rank < n_j[:, None])
+      zeros = jnp.zeros_like(c1)
+      commits = jnp.stack([c1, zeros, zeros, zeros], axis=1)  # [B, 4, Lb]
+    elif r2 is None:
+      c1 = r2_lib.threshold_commit(m0, conf, tau)
+      zeros = jnp.zeros_like(c1)
+      commits = jnp.stack([c1, zeros, zeros, zeros], axis=1)
+    else:
+      btrack = jax.tree.map(lambda a: _block_slice(a, gstart, lb), tracker)
+      rkeys = jax.random.split(jax.random.fold_in(jax.random.fold_in(key, 1), st["it"]), b)
+      commits, btrack_new = jax.vmap(
+          lambda m, c, y, t, k: r2_lib.r2_commit(m, c, y, t, r2, key=k))(m0, conf, yhat, btrack,
+                                                                          rkeys)
+      btrack_new = jax.tree.map(lambda n, o: jnp.where(active[:, None], n, o), btrack_new,
+                                btrack)
+      tracker = jax.tree.map(lambda a, u: _block_update(a, u, gstart), tracker, btrack_new)
+
+    commits = commits & active[:, None, None]
+    any_c = jnp.any(commits, axis=1)  # [B, Lb]
+    rule = jnp.where(any_c, jnp.argmax(commits, axis=1), -1).astype(jnp.int8)
+
+    old_btok = _block_slice(tokens, p + gstart, lb)
+    tokens = _block_update(tokens, jnp.where(any_c, yhat, old_btok), p + gstart)
+    step_now = jnp.broadcast_to(st["nfe"][:, None], any_c.shape)
+    cs = _block_update(st["commit_step"], jnp.where(
+        any_c, step_now, _block_slice(st["commit_step"], gstart, lb)), gstart)
+    cc = _block_update(st["commit_conf"], jnp.where(
+        any_c, conf, _block_slice(st["commit_conf"], gstart, lb)), gstart)
+    cr = _block_update(st["commit_rule"], jnp.where(
+        any_c, rule, _block_slice(st["commit_rule"], gstart, lb)), gstart)
+    return dict(
+        tokens=tokens,
+        nfe=st["nfe"] + active.astype(jnp.int32),
+        commit_step=cs, commit_conf=cc, commit_rule=cr, tracker=tracker,
+        cur_block=jnp.where(active, blk, st["cur_block"]),
+        block_m=jnp.where(active, block_m, st["block_m"]),
+        j=jnp.where(active, j + 1, st["j"]),
+        it=st["it"] + 1,
+    )
+
+  out = jax.lax.while_loop(cond, body, state)
+  return DecodeResult(tokens=out["tokens"], nfe=out["nfe"], commit_step=out["commit_step"],
+                      commit_conf=out["commit_conf"], commit_rule=out["commit_rule"])
+
+
+def decode_fixed_k(logits_fn: LogitsFn, prompt_tokens: jax.Array, gen_len: int, block_len: int,
+                   steps: int, mask_id: int) -> DecodeResult:
+  """LLaDA low-confidence remasking: a fixed number of commits per pass.
+
+  `steps` is split evenly over the blocks (S_b = steps / n_blocks, must divide); at block start
+  with m masked slots, pass j commits the n_j most confident candidates (ties: lowest
+  position), n_j from `num_transfer_tokens`. NFE = steps when S_b <= block_len (a pass that
+  would commit nothing because the block is already full is never run).
+
+  Args:
+    logits_fn: closure tokens [B, L] int32 -> logits [B, L, V].
+    prompt_tokens: [B, P] int32.
+    gen_len: G, a multiple of block_len.
+    block_len: Lb.
+    steps: total passes over all blocks, a multiple of G / Lb.
+    mask_id: id of [MASK].
+
+  Returns:
+    `DecodeResult` (commit_rule 0 for every committed slot).
+  """
+  prompt_tokens = jnp.asarray(prompt_tokens)
+  _check_lengths(prompt_tokens, gen_len, block_len)
+  n_blocks = gen_len // block_len
+  if steps < n_blocks or steps % n_blocks:
+    raise ValueError(f"steps ({steps}) must be a positive multiple of the number of blocks "
+                     f"gen_len / block_len = {n_blocks}")
+  return _decode(logits_fn, prompt_tokens, gen_len, block_len, mask_id, "fixed_k",
+                 steps_per_block=steps // n_blocks)
+
+
+def decode_threshold(logits_fn: LogitsFn, prompt_tokens: jax.Array, gen_len: int,
+                     block_len: int, tau: float = 0.9, *, mask_id: int,
+                     temperature: float = 0.0, key: Optional[jax.Array] = None,
+                     r2: Optional[r2_lib.R2Config] = None,
+                     max_passes: Optional[int] = None) -> DecodeResult:
+  """Fast-dLLM threshold decoding, optionally with the R²-dLLM rules.
+
+  Each pass commits the most confident candidate of the active block (ties: lowest position)
+  plus every candidate with c >= tau, then (with `r2`) the extra R² rules on the same logits.
+
+  Args:
+    logits_fn: closure tokens [B, L] int32 -> logits [B, L, V].
+    prompt_tokens: [B, P] int32.
+    gen_len: G, a multiple of block_len.
+    block_len: Lb.
+    tau: threshold in (0, 1].
+    mask_id: id of [MASK] (keyword-only).
+    temperature: 0 for greedy yhat; > 0 draws yhat = argmax(logits / T + Gumbel) in float64
+      (under x64); c stays the untempered probability.
+    key: PRNG key for temperature > 0 or token_cluster="random".
+    r2: `R2Config` of the extra rules, or None. Its `tau` must equal `tau`.
+    max_passes: optional cap on passes per sample (slots left masked then keep `mask_id`).
+
+  Returns:
+    `DecodeResult`.
+  """
+  prompt_tokens = jnp.asarray(prompt_tokens)
+  _check_lengths(prompt_tokens, gen_len, block_len)
+  if not 0.0 < float(tau) <= 1.0:
+    raise ValueError(f"tau must lie in (0, 1], got tau={tau}")
+  if temperature < 0.0:
+    raise ValueError(f"temperature must be >= 0, got {temperature}")
+  if temperature > 0.0 and key is None:
+    raise ValueError("temperature > 0 needs a PRNG key")
+  if max_passes is not None and max_passes < 1:
+    raise ValueError(f"max_passes must be >= 1 or None, got {max_passes}")
+  if r2 is not None:
+    if float(r2.tau) != float(tau):
+      raise ValueError(f"tau ({tau}) and r2.tau ({r2.tau}) disagree; set both to the same value")
+    if r2.token_cluster == "random" and r2.token_cluster_on and key is None:
+      raise ValueError("r2.token_cluster='random' needs a PRNG key")
+  return _decode(logits_fn, prompt_tokens, gen_len, block_len, mask_id, "threshold", tau=tau,
+                 temperature=temperature, key=key, r2=r2, max_passes=max_passes)

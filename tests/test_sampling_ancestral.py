@@ -1,0 +1,188 @@
+"""Ancestral sampler: oracles O7 (step weights), O8 (cache NFE), O11 (float64 draws), the
+scheduled heavy/light variant and common random numbers."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dlm_jax.sampling import ancestral
+from dlm_jax.sampling.common import categorical_f64, gumbel_noise, max_gumbel
+from dlm_jax.sampling.model_schedule import parse_schedule
+
+
+def constant_model(probs, mask_id):
+  """Logits [B, L, V] that ignore the tokens: SUBS probabilities `probs` over non-mask ids."""
+  probs = np.asarray(probs, np.float64)
+  row = np.insert(np.log(probs), mask_id, 3.0).astype(np.float32)  # mask logit is ignored
+  row = jnp.asarray(row)
+  return lambda tokens: jnp.broadcast_to(row, tokens.shape + row.shape)
+
+
+def tiny_model(vocab, seed):
+  """Deterministic token-dependent logits [B, L, V]; rows independent."""
+  k1, k2, k3 = jax.random.split(jax.random.PRNGKey(seed), 3)
+  emb = jax.random.normal(k1, (vocab, 8))
+  pos = jax.random.normal(k2, (64, 8))
+  out = jax.random.normal(k3, (8, vocab)) * 2.0
+
+  def fn(tokens):
+    h = emb[tokens] + pos[: tokens.shape[1]]
+    return jnp.tanh(h + jnp.mean(h, axis=1, keepdims=True)) @ out
+  return fn
+
+
+def test_o7_step_weights():
+  lp = jnp.log(jnp.array([0.6, 0.4, 0.0]))  # ids a, b, MASK (= 2)
+  w = ancestral.ancestral_step_log_weights(lp, 0.75, 0.5, mask_id=2)
+  np.testing.assert_allclose(np.exp(np.asarray(w)), [0.2, 0.1333333, 0.6666667], rtol=1e-6)
+  # With the t_final = 0 grid every reveal step has probability 1/T (log-linear), and the
+  # cosine schedule at T = 5 gives the spec's (0.309, 0.279, 0.221, 0.142, 0.049).
+  for schedule, expect in (("loglinear", [0.2] * 5),
+                           ("cosine", [0.309, 0.279, 0.221, 0.142, 0.049])):
+    t = 1.0 - np.arange(6) / 5
+    stay, probs = 1.0, []
+    for i in range(5):
+      wi = np.exp(np.asarray(ancestral.ancestral_step_log_weights(lp, t[i], t[i + 1], 2,
+                                                                  schedule)))
+      np.testing.assert_allclose(wi.sum(), 1.0, atol=1e-6)
+      probs.append(stay * (1.0 - wi[2]))
+      stay *= wi[2]
+    np.testing.assert_allclose(probs, expect, atol=1e-3)
+    assert stay == pytest.approx(0.0, abs=1e-9)
+
+
+def test_o7_o8_draws_and_cache_nfe():
+  """One batched run: token frequencies, no mask left, E[NFE] = T (1 - (1 - 1/T)^L)."""
+  t_steps, length, batch = 8, 4, 20000
+  mask_id = 2
+  fn = constant_model([0.6, 0.4], mask_id)
+  x0 = jnp.full((batch, length), mask_id, jnp.int32)
+  maskable = jnp.ones((batch, length), bool)
+  with jax.enable_x64(True):
+    run = jax.jit(lambda k: ancestral.ancestral_sample(fn, k, x0, maskable, mask_id, t_steps))
+    tokens, nfe = run(jax.random.PRNGKey(0))
+    tokens, nfe = np.asarray(tokens), np.asarray(nfe)
+  assert (tokens != mask_id).all()
+  freq = (tokens == 0).mean()
+  assert abs(freq - 0.6) < 4 * math.sqrt(0.24 / tokens.size)
+  expect = t_steps * (1 - (1 - 1 / t_steps) ** length)
+  assert expect == pytest.approx(3.3105, abs=1e-4)
+  se = nfe.std() / math.sqrt(batch)
+  assert abs(nfe.mean() - expect) < 4 * se, (nfe.mean(), expect, se)
+  assert nfe.min() >= 1 and nfe.max() <= length
+
+
+def test_o7_stay_mass_and_no_cache_nfe():
+  """t_final = 0.5: each slot is still masked with probability 1 - alpha(0.5) = 0.5; without
+  the cache NFE = number of steps at which the sample still had a mask."""
+  t_steps, length, batch = 4, 2, 20000
+  mask_id = 0
+  fn = constant_model([0.25, 0.75], mask_id)
+  x0 = jnp.full((batch, length), mask_id, jnp.int32)
+  maskable = jnp.ones((batch, length), bool)
+  with jax.enable_x64(True):
+    run = jax.jit(lambda k: ancestral.ancestral_sample(fn, k, x0, maskable, mask_id, t_steps,
+                                                       t_final=0.5, use_cache=False))
+    tokens, nfe = map(np.asarray, run(jax.random.PRNGKey(1)))
+  masked = tokens == mask_id
+  assert abs(masked.mean() - 0.5) < 4 * math.sqrt(0.25 / masked.size)
+  revealed = tokens[~masked]
+  assert abs((revealed == 2).mean() - 0.75) < 4 * math.sqrt(0.1875 / revealed.size)
+  # Per slot, P(revealed by the end of step i) = (i + 1) / 8. A step runs iff a mask is left.
+  p_open = [1.0 - (i / 8) ** 2 for i in range(4)]  # P(a mask is left before step i)
+  expect = sum(p_open)
+  assert expect == pytest.approx(3.78125)
+  assert abs(nfe.mean() - expect) < 4 * nfe.std() / math.sqrt(batch)
+
+
+def test_o11_float64_draws():
+  assert max_gumbel(jnp.float32) == pytest.approx(15.94, abs=0.01)
+  assert max_gumbel(jnp.float64) == pytest.approx(36.04, abs=0.01)
+  with jax.enable_x64(True):
+    noise = gumbel_noise(jax.random.PRNGKey(0), (4,))
+    assert noise.dtype == jnp.float64
+    idx = categorical_f64(jax.random.PRNGKey(1), jnp.log(jnp.array([[0.2, 0.3, 0.5]] * 30000)))
+    freq = np.bincount(np.asarray(idx), minlength=3) / 30000
+    np.testing.assert_allclose(freq, [0.2, 0.3, 0.5], atol=0.012)
+    assert not np.any(np.asarray(categorical_f64(
+        jax.random.PRNGKey(2), jnp.log(jnp.array([[0.5, 0.0, 0.5]] * 1000)))) == 1)
+  assert gumbel_noise(jax.random.PRNGKey(0), (4,)).dtype == jnp.float32  # documented fallback
+
+
+def test_scheduled_all_heavy_bit_for_bit_and_switch():
+  vocab, mask_id, t_steps = 7, 6, 6
+  heavy, light = tiny_model(vocab, 0), tiny_model(vocab, 1)
+  x0 = jnp.concatenate([jnp.full((6, 3), 2, jnp.int32), jnp.full((6, 9), mask_id, jnp.int32)],
+                       axis=1)
+  maskable = jnp.broadcast_to(jnp.arange(12) >= 3, x0.shape)
+  key = jax.random.PRNGKey(7)
+  with jax.enable_x64(True):
+    single = jax.jit(lambda k: ancestral.ancestral_sample(heavy, k, x0, maskable, mask_id,
+                                                          t_steps))
+    sched = jax.jit(lambda k, il: ancestral.scheduled_ancestral_sample(
+        heavy, light, k, il, x0, maskable, mask_id, t_steps))
+    tok_h, nfe_h = single(key)
+    s_tok, s_h, s_l = sched(key, jnp.zeros((t_steps,), bool))
+    np.testing.assert_array_equal(np.asarray(s_tok), np.asarray(tok_h))
+    np.testing.assert_array_equal(np.asarray(s_h), np.asarray(nfe_h))
+    assert (np.asarray(s_l) == 0).all()
+    # Alternating models: every switch invalidates the cache, so every step that still has a
+    # mask is a pass: heavy passes = ceil(n / 2), light = floor(n / 2) with n = steps run.
+    alt = jnp.asarray(np.arange(t_steps) % 2 == 1)
+    a_tok, a_h, a_l = map(np.asarray, sched(key, alt))
+  assert (np.asarray(tok_h)[:, :3] == 2).all() and (np.asarray(tok_h) != mask_id).all()
+  assert (a_tok != mask_id).all()
+  n = a_h + a_l
+  np.testing.assert_array_equal(a_h, (n + 1) // 2)
+  np.testing.assert_array_equal(a_l, n // 2)
+  assert (n >= 1).all() and (n <= t_steps).all()
+
+
+def test_common_random_numbers():
+  """Inverse-CDF draws from shared uniforms: the reveal pattern does not depend on the model,
+  revealed tokens follow each model's probabilities."""
+  t_steps, length, batch, mask_id = 4, 2, 20000, 0
+  heavy = constant_model([0.6, 0.4], mask_id)
+  light = constant_model([0.1, 0.9], mask_id)
+  x0 = jnp.full((batch, length), mask_id, jnp.int32)
+  maskable = jnp.ones((batch, length), bool)
+  with jax.enable_x64(True):
+    u = jax.random.uniform(jax.random.PRNGKey(3), (t_steps, batch, length), jnp.float64)
+    run = jax.jit(lambda il: ancestral.scheduled_ancestral_sample(
+        heavy, light, jax.random.PRNGKey(0), il, x0, maskable, mask_id, t_steps, t_final=0.5,
+        uniforms=u))
+    th = np.asarray(run(jnp.zeros((t_steps,), bool))[0])
+    tl = np.asarray(run(jnp.ones((t_steps,), bool))[0])
+  np.testing.assert_array_equal(th == mask_id, tl == mask_id)
+  assert abs((th == mask_id).mean() - 0.5) < 0.01
+  rev = th != mask_id
+  assert abs((th[rev] == 1).mean() - 0.6) < 0.012
+  assert abs((tl[rev] == 1).mean() - 0.1) < 0.01
+  # Monotone coupling: heavy's token 2 (u' >= 0.6) implies light's token 2 (u' >= 0.1).
+  assert np.all(tl[rev & (th == 2)] == 2)
+
+
+def test_bad_inputs_raise():
+  fn = constant_model([0.5, 0.5], 0)
+  x = jnp.zeros((2, 3), jnp.int32)
+  m = jnp.ones((2, 3), bool)
+  key = jax.random.PRNGKey(0)
+  with pytest.raises(ValueError, match="x_init"):
+    ancestral.ancestral_sample(fn, key, x[0], m[0], 0, 4)
+  with pytest.raises(ValueError, match="maskable"):
+    ancestral.ancestral_sample(fn, key, x, m[:, :2], 0, 4)
+  with pytest.raises(ValueError, match="t_final"):
+    ancestral.ancestral_sample(fn, key, x, m, 0, 4, t_final=1.0)
+  with pytest.raises(ValueError, match="num_steps"):
+    ancestral.ancestral_sample(fn, key, x, m, 0, 0)
+  with pytest.raises(ValueError, match="uniforms"):
+    ancestral.ancestral_sample(fn, key, x, m, 0, 4, uniforms=jnp.zeros((3, 2, 3)))
+  with pytest.raises(ValueError, match="schedule"):
+    ancestral.ancestral_sample(fn, key, x, m, 0, 4, schedule="linear")
+  with pytest.raises(ValueError, match="is_light"):
+    ancestral.scheduled_ancestral_sample(fn, fn, key, jnp.zeros((5,), bool), x, m, 0, 4)
+  with pytest.raises(ValueError, match="is_light"):
+    ancestral.scheduled_ancestral_sample(fn, fn, key, parse_schedule("L1,H4"), x, m, 0, 4)
