@@ -24,6 +24,7 @@ import numpy as np
 from dlm_jax import checkpoint as ckpt_lib
 from dlm_jax import experiment as exp_lib
 from dlm_jax import parallel
+from dlm_jax.config_lib import ConfigError
 
 
 def _mesh_over(devices: Sequence[jax.Device]) -> jax.sharding.Mesh:
@@ -209,3 +210,23 @@ def write_jsonl(path: str, records: Sequence[dict[str, Any]]) -> None:
   with open(path, "w", encoding="utf-8") as f:
     for r in records:
       f.write(json.dumps(r) + "\n")
+
+
+def parse_sample_overrides(items: Sequence[str]) -> dict:
+  """Parses ["key=value", ...] into typed config.sample overrides (errors name the key)."""
+  from configs import base  # pylint: disable=g-import-not-at-top
+  ref = base.get_config().sample
+  out = {}
+  for item in items:
+    if "=" not in item:
+      raise ConfigError(f"--set {item!r}: expected key=value.")
+    k, v = item.split("=", 1)
+    k = k.removeprefix("config.sample.").removeprefix("sample.")
+    if k not in ref:
+      raise ConfigError(f"--set {k}: unknown sample option; known: {sorted(ref)}.")
+    typ = type(ref[k])
+    try:
+      out[k] = (v.lower() in ("1", "true", "yes")) if typ is bool else typ(v)
+    except ValueError as e:
+      raise ConfigError(f"--set {k}={v!r}: expected {typ.__name__}.") from e
+  return out

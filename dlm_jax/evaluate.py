@@ -15,6 +15,7 @@ import sys
 from absl import app
 from absl import flags
 import jax
+import numpy as np
 
 from dlm_jax import api
 from dlm_jax import checkpoint as ckpt_lib
@@ -26,10 +27,17 @@ _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: newest).")
 _BATCHES = flags.DEFINE_integer("num_batches", None, "Limit on eval batches (default: all).")
 _NUM_T = flags.DEFINE_integer("num_t", None, "t-draws per sequence (default: config).")
 _NO_EMA = flags.DEFINE_bool("no_ema", False, "Evaluate the raw parameters instead of the EMA.")
+_JUDGE = flags.DEFINE_string("judge_workdir", None,
+                             "Workdir of an autoregressive run ('ar') that scores samples for "
+                             "generative perplexity (gen-PPL).")
+_GEN_N = flags.DEFINE_integer("gen_samples", 32, "Samples drawn for gen-PPL.")
+_SET = flags.DEFINE_multi_string("set", [], "config.sample overrides for gen-PPL samples, "
+                                 "e.g. --set num_steps=64")
 
 
 def run_eval(workdir: str, step: int | None = None, num_batches: int | None = None,
-             num_t: int | None = None, use_ema: bool = True) -> dict:
+             num_t: int | None = None, use_ema: bool = True, judge_workdir: str | None = None,
+             gen_samples: int = 32, sample_overrides: dict | None = None, seed: int = 0) -> dict:
   from dlm_jax import trainer as train_lib  # pylint: disable=g-import-not-at-top
   run = api.load(workdir, step=step, use_ema=use_ema)
   exp = run.experiment
@@ -39,6 +47,15 @@ def run_eval(workdir: str, step: int | None = None, num_batches: int | None = No
   res = train_lib.evaluate_nelbo(exp, eval_step, run.params, num_batches)
   res.update(step=run.step, method=run.config.method, params="ema" if use_ema else "raw",
              split=run.config.data.eval_split)
+  if judge_workdir:
+    from dlm_jax.analysis import gen_ppl as gen_ppl_lib  # pylint: disable=g-import-not-at-top
+    judge = api.load(judge_workdir)
+    out = run.sample(num_samples=gen_samples, seed=seed, **(sample_overrides or {}))
+    res["gen"] = dict(gen_ppl_lib.gen_ppl(judge, out["texts"]), judge=judge_workdir,
+                      decoder=run.config.sample.decoder,
+                      num_steps=int(sample_overrides.get("num_steps", run.config.sample.num_steps))
+                      if sample_overrides else int(run.config.sample.num_steps),
+                      mean_nfe=float(np.mean(out["nfe"])))
   path = os.path.join(workdir, f"eval_step{run.step}.json")
   if parallel.is_main_process():
     with open(path, "w", encoding="utf-8") as f:
@@ -53,7 +70,8 @@ def main(argv):
   if not _WORKDIR.value:
     raise app.UsageError("--workdir is required.")
   try:
-    res = run_eval(_WORKDIR.value, _STEP.value, _BATCHES.value, _NUM_T.value, not _NO_EMA.value)
+    res = run_eval(_WORKDIR.value, _STEP.value, _BATCHES.value, _NUM_T.value, not _NO_EMA.value,
+                   _JUDGE.value, _GEN_N.value, api.parse_sample_overrides(_SET.value))
   except (config_lib.ConfigError, ckpt_lib.CheckpointError) as e:
     print(f"ERROR: {e}", file=sys.stderr, flush=True)
     sys.exit(2)

@@ -63,12 +63,10 @@ def make_tokenizer(config: ml_collections.ConfigDict):
   """The tokenizer named by config.data.tokenizer (the BPE is trained on the corpus once, cached)."""
   from dlm_jax.data import tokenizers  # pylint: disable=g-import-not-at-top
   d = config.data
-  if d.source == "arith":
-    from dlm_jax.data import tasks  # pylint: disable=g-import-not-at-top
-    return tasks.ArithTokenizer()
-  if d.source == "hmm":
-    from dlm_jax.data import tasks  # pylint: disable=g-import-not-at-top
-    return tasks.HMMTokenizer()
+  if d.source in ("arith", "hmm"):
+    from dlm_jax.data import task_pipeline  # pylint: disable=g-import-not-at-top
+    return (task_pipeline.arith_tokenizer() if d.source == "arith"
+            else task_pipeline.hmm_tokenizer())
   if d.tokenizer != "bpe":
     return tokenizers.get_tokenizer(d.tokenizer)
   train_texts = None  # the embedded corpus is the default training text of the BPE
@@ -102,8 +100,8 @@ def make_train_iterator(config: ml_collections.ConfigDict, tokenizer: Any):
   from dlm_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   d = config.data
   if d.source in ("arith", "hmm"):
-    from dlm_jax.data import tasks  # pylint: disable=g-import-not-at-top
-    return tasks.make_task_iterator(config, tokenizer, split="train")
+    from dlm_jax.data import task_pipeline  # pylint: disable=g-import-not-at-top
+    return task_pipeline.make_task_iterator(config, tokenizer, split="train")
   return pipeline.make_lm_iterator(
       make_source(config, d.train_split), tokenizer, seq_len=d.seq_len,
       global_batch_size=config.train.global_batch_size, process_index=jax.process_index(),
@@ -117,8 +115,9 @@ def make_eval_iterator(config: ml_collections.ConfigDict, tokenizer: Any,
   d = config.data
   bs = batch_size or config.train.global_batch_size
   if d.source in ("arith", "hmm"):
-    from dlm_jax.data import tasks  # pylint: disable=g-import-not-at-top
-    return tasks.make_task_iterator(config, tokenizer, split="validation", batch_size=bs)
+    from dlm_jax.data import task_pipeline  # pylint: disable=g-import-not-at-top
+    return task_pipeline.make_task_iterator(config, tokenizer, split="validation",
+                                            batch_size=bs)
   return pipeline.make_eval_iterator(
       make_source(config, d.eval_split), tokenizer, seq_len=d.seq_len, global_batch_size=bs,
       process_index=jax.process_index(), process_count=jax.process_count(), packing=d.packing)

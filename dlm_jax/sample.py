@@ -34,25 +34,6 @@ _SET = flags.DEFINE_multi_string(
     "set", [], "config.sample overrides as key=value, e.g. --set decoder=threshold --set tau=0.8")
 
 
-def parse_overrides(items: list[str]) -> dict:
-  from configs import base  # pylint: disable=g-import-not-at-top
-  ref = base.get_config().sample
-  out = {}
-  for item in items:
-    if "=" not in item:
-      raise config_lib.ConfigError(f"--set {item!r}: expected key=value.")
-    k, v = item.split("=", 1)
-    k = k.removeprefix("config.sample.").removeprefix("sample.")
-    if k not in ref:
-      raise config_lib.ConfigError(f"--set {k}: unknown sample option; known: {sorted(ref)}.")
-    typ = type(ref[k])
-    try:
-      out[k] = (v.lower() in ("1", "true", "yes")) if typ is bool else typ(v)
-    except ValueError as e:
-      raise config_lib.ConfigError(f"--set {k}={v!r}: expected {typ.__name__}.") from e
-  return out
-
-
 def run_sampling(workdir: str, overrides: dict, num_samples: int | None, seed: int,
                  out_dir: str | None, step: int | None = None, use_ema: bool = True,
                  prompt: str | None = None) -> dict:
@@ -92,7 +73,7 @@ def main(argv):
   # the effective temperature); training stays float32/bf16.
   jax.config.update("jax_enable_x64", True)
   try:
-    res = run_sampling(_WORKDIR.value, parse_overrides(_SET.value), _NUM.value, _SEED.value,
+    res = run_sampling(_WORKDIR.value, api.parse_sample_overrides(_SET.value), _NUM.value, _SEED.value,
                        _OUT.value, _STEP.value, not _NO_EMA.value, _PROMPT.value)
   except (config_lib.ConfigError, ckpt_lib.CheckpointError, ValueError, KeyError) as e:
     print(f"ERROR: {e}", file=sys.stderr, flush=True)
