@@ -8,7 +8,7 @@ CONFIG ?= configs/mdlm_tiny.py
 export XLA_PYTHON_CLIENT_PREALLOCATE ?= false
 export TF_CPP_MIN_LOG_LEVEL ?= 3
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install demo test test-fast bench bench-torch clean
 
 $(VENV)/.installed: setup.py
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,13 @@ bench: install
 	$(PY) benchmarks/train_throughput.py
 	$(PY) benchmarks/attention.py
 	$(PY) benchmarks/did_dp.py
+
+# PyTorch baseline for benchmarks/train_throughput.py, in its own venv (never in the default
+# install: the PyPI torch wheel pulls in ~3 GB of CUDA libraries even for CPU use).
+bench-torch: install
+	@test -x .venv-torch/bin/python || $(PYTHON) -m venv .venv-torch
+	.venv-torch/bin/python -m pip install -q "setuptools>=77" torch numpy
+	$(PY) benchmarks/train_throughput.py --torch_python=.venv-torch/bin/python
 
 clean:
 	rm -rf $(VENV) workdirs .pytest_cache

@@ -55,14 +55,15 @@ class Method:
   extra_positions = 0  # DID prepends BOS to x_t
 
   def apply(self, params: Any, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array,
-            t: jax.Array | None, dropout_key: jax.Array | None = None):
-    """Runs the network; returns (logits [B, L, V] float32, aux or None)."""
+            t: jax.Array | None, dropout_key: jax.Array | None = None,
+            score_positions: jax.Array | None = None):
+    """Runs the network; returns (logits [B, L, V] (or [K, V]) float32, aux or None)."""
     deterministic = dropout_key is None or self.model_cfg.dropout == 0.0
     rngs = None if deterministic else {"dropout": dropout_key}
     if not self.model_cfg.time_conditioning:
       t = None
     return self.model.apply({"params": params}, tokens, positions, segment_ids, t,
-                            deterministic, rngs=rngs)
+                            deterministic, score_positions, rngs=rngs)
 
   # -- interface ---------------------------------------------------------------------------
   def train_loss(self, params: Any, batch: dict[str, jax.Array], key: jax.Array,

@@ -106,10 +106,10 @@ def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
 
 
 def timestep_embedding(t: jax.Array, dim: int = 256, max_period: float = 10000.0) -> jax.Array:
-  """Sinusoidal embedding of a scalar per example [B] -> [B, dim]."""
+  """Sinusoidal embedding of a scalar per example [B] -> [B, dim] (or per token [B, L] -> [B, L, dim])."""
   half = dim // 2
   freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
-  args = t.astype(jnp.float32)[:, None] * freqs[None]
+  args = t.astype(jnp.float32)[..., None] * freqs
   return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
 
 
@@ -137,7 +137,7 @@ class Block(nn.Module):
     h, hd = cfg.num_heads, cfg.head_dim
     if cond is not None:
       mod = dense(6 * cfg.d_model, ("cond", "embed"), "adaln", jnp.float32, zero=True)(cond)
-      mod = mod[:, None, :].astype(dtype)
+      mod = (mod[:, None, :] if mod.ndim == 2 else mod).astype(dtype)  # per example or per token
       shift1, scale1, gate1, shift2, scale2, gate2 = jnp.split(mod, 6, axis=-1)
     else:
       shift1 = shift2 = 0.0
@@ -176,12 +176,14 @@ class Transformer(nn.Module):
   __call__(tokens [B, L] int32, positions [B, L] int32, segment_ids [B, L] int32,
            t [B] float32 | None, deterministic) -> (logits [B, L, V] float32, aux [B, L, A] | None)
 
-  `t` is used only when `cfg.time_conditioning`; `aux` only when `cfg.aux_outputs > 0`.
+  `t` is used only when `cfg.time_conditioning`: [B] (one time per row) or [B, L] (one per token, e.g. DID
+  rows that pack documents noised at different times); `aux` only when `cfg.aux_outputs > 0`.
   """
   cfg: TransformerConfig
 
   @nn.compact
-  def __call__(self, tokens, positions=None, segment_ids=None, t=None, deterministic=True):
+  def __call__(self, tokens, positions=None, segment_ids=None, t=None, deterministic=True,
+               score_positions=None):
     cfg = self.cfg
     dtype = DTYPES[cfg.dtype]
     b, length = tokens.shape
@@ -212,15 +214,19 @@ class Transformer(nn.Module):
 
     if cond is not None:
       mod = dense(2 * cfg.d_model, ("cond", "embed"), "final_adaln", jnp.float32, zero=True)(cond)
-      shift, scale = jnp.split(mod[:, None, :].astype(dtype), 2, axis=-1)
+      shift, scale = jnp.split((mod[:, None, :] if mod.ndim == 2 else mod).astype(dtype), 2, axis=-1)
       y = LayerNorm(use_scale=False, name="ln_final")(x) * (1 + scale) + shift
     else:
       y = LayerNorm(name="ln_final")(x)
+    if score_positions is not None:
+      y = y.reshape(b * length, -1)[score_positions]  # [K, d]
     if cfg.tie_embeddings:
       logits = embed.attend(y.astype(jnp.float32)) / math.sqrt(cfg.d_model)
     else:
       logits = dense(cfg.vocab_size, ("embed", "vocab"), "head", dtype)(y)
-    logits = nn.with_logical_constraint(logits.astype(jnp.float32), ("batch", "length", "vocab"))
+    logits = logits.astype(jnp.float32)
+    if score_positions is None:
+      logits = nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
     aux = None
     if cfg.aux_outputs:
       aux = dense(cfg.aux_outputs, ("embed", "aux"), "aux_head", jnp.float32)(y).astype(jnp.float32)
