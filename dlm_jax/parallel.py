@@ -18,6 +18,10 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
+
+class MeshError(ValueError):
+  """config.mesh does not fit the available devices (a ValueError, like config errors)."""
+
 # logical axis -> mesh axis (or tuple, or None = replicated).
 LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     ("batch", ("data", "fsdp")),
@@ -46,6 +50,8 @@ def maybe_initialize_distributed(coordinator_address: str | None = None,
   if coordinator_address:
     if num_processes is None or process_id is None:
       raise ValueError("--coordinator_address needs --num_processes and --process_id too.")
+    if not 0 <= process_id < num_processes:
+      raise ValueError(f"--process_id={process_id} must be in [0, --num_processes={num_processes}).")
     jax.distributed.initialize(coordinator_address=coordinator_address,
                                num_processes=num_processes, process_id=process_id)
     return
@@ -61,16 +67,16 @@ def mesh_shape(mesh_cfg: Any, num_devices: int) -> tuple[int, int, int]:
   """Resolves `config.mesh` (one axis may be -1 = the remaining devices) to a shape."""
   dims = [int(mesh_cfg.data), int(mesh_cfg.fsdp), int(mesh_cfg.tensor)]
   if sum(d == -1 for d in dims) > 1:
-    raise ValueError("config.mesh: at most one of data/fsdp/tensor may be -1.")
+    raise MeshError("config.mesh: at most one of data/fsdp/tensor may be -1.")
   if any(d == 0 or d < -1 for d in dims):
-    raise ValueError(f"config.mesh: axis sizes must be positive or -1, got {dims}.")
+    raise MeshError(f"config.mesh: axis sizes must be positive or -1, got {dims}.")
   known = int(np.prod([d for d in dims if d != -1]))
   if num_devices % known:
-    raise ValueError(f"config.mesh {dict(zip(MESH_AXES, dims))} does not divide the "
+    raise MeshError(f"config.mesh {dict(zip(MESH_AXES, dims))} does not divide the "
                      f"{num_devices} available devices.")
   dims = [num_devices // known if d == -1 else d for d in dims]
   if int(np.prod(dims)) != num_devices:
-    raise ValueError(f"config.mesh {dict(zip(MESH_AXES, dims))} uses {int(np.prod(dims))} devices "
+    raise MeshError(f"config.mesh {dict(zip(MESH_AXES, dims))} uses {int(np.prod(dims))} devices "
                      f"but {num_devices} are available; set one axis to -1.")
   return tuple(dims)  # type: ignore[return-value]
 

@@ -1,17 +1,21 @@
 """The one train loop (library form): steps, prefetching, evaluation, checkpointing.
 
 `dlm_jax.train` is its command-line entry point; tests and benchmarks call `train()` here.
+
+Multi-host: every process runs this loop on its own data shard (`make_train_iterator` reads
+documents p, p+P, ...); the global batch is assembled with `jax.make_array_from_process_local_data`;
+all processes save and restore checkpoints together through Orbax; only process 0 writes
+config.json, metrics and console output. SIGTERM on any process stops all of them at the same step.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import queue
 import signal
 import threading
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +30,15 @@ from dlm_jax import parallel
 
 class NonFiniteLossError(RuntimeError):
   """The loss or gradients became NaN/inf and config.train.nan_policy='stop'."""
+
+
+class DataError(RuntimeError):
+  """The input pipeline failed while reading or preparing a training batch."""
+
+
+# In a multi-process run the SIGTERM flag is shared through a collective every this many steps
+# (a host sync; every step would stall the device queue). A single process checks every step.
+SIGNAL_SYNC_EVERY = 10
 
 
 # -- data ----------------------------------------------------------------------------------------
@@ -49,7 +62,16 @@ class PrefetchIterator:
     return self._it.get_state()
 
   def _produce(self) -> tuple[Any, Any]:
-    batch = next(self._it)
+    try:
+      batch = next(self._it)
+    except StopIteration:
+      raise
+    except Exception as e:  # pylint: disable=broad-except  # named below; traceback chained
+      first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+      raise DataError(
+          f"Reading the training data failed ({type(e).__name__}: {first}). A data file may be "
+          "corrupt or truncated: check config.data (source, path, tfds_name, tfds_data_dir) or "
+          "re-prepare the dataset.") from e
     state = self._raw_state()
     return parallel.global_batch_from_local(batch, self._mesh), state
 
@@ -197,7 +219,8 @@ class _SigtermFlag:
       self._prev = signal.signal(signal.SIGTERM, self._handler)
 
   def _handler(self, signum, frame):  # pylint: disable=unused-argument
-    logging.warning("SIGTERM received: saving a checkpoint at the end of this step.")
+    logging.warning("SIGTERM received: saving a checkpoint and stopping (all processes stop at "
+                    "the same step, within %d steps).", SIGNAL_SYNC_EVERY)
     self.raised = True
 
   def uninstall(self):
@@ -222,15 +245,29 @@ def _restore_init_from(exp, state, workdir: str):
                        ema_params=restored.ema_params if state.ema_params is not None else None)
 
 
-def train(config, workdir: str, stop_after_steps: int | None = None) -> dict[str, Any]:
-  """Trains (or resumes) in `workdir`; returns the last logged metrics."""
-  exp = exp_lib.Experiment.create(config)
+def _write_config_json(cfg, workdir: str) -> None:
+  """config.json for humans (process 0 only; Orbax saves the config with every checkpoint)."""
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  path = epath.Path(workdir)
+  path.mkdir(parents=True, exist_ok=True)
+  (path / "config.json").write_text(cfg.to_json_best_effort(indent=2))
+
+
+def train(config, workdir: str, stop_after_steps: int | None = None,
+          devices: Sequence[jax.Device] | None = None) -> dict[str, Any]:
+  """Trains (or resumes) in `workdir`; returns the last logged metrics.
+
+  Args:
+    config: the run's config (validated here).
+    workdir: checkpoints, metrics and config.json go here (a local path or gs://...).
+    stop_after_steps: stop (with a checkpoint) after this many steps of this call.
+    devices: the devices of the mesh (default: all, over all processes). A run can resume on
+      another device count or mesh shape than it was saved with.
+  """
+  mesh = parallel.make_mesh(config.mesh, devices) if devices is not None else None
+  exp = exp_lib.Experiment.create(config, mesh=mesh)
   cfg = exp.config
   main = parallel.is_main_process()
-  if main:
-    os.makedirs(workdir, exist_ok=True) if "://" not in workdir else None
-    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-      f.write(cfg.to_json_best_effort(indent=2))
   logging.info("Mesh %s on %d devices (%d processes); %s parameters.", dict(exp.mesh.shape),
                jax.device_count(), jax.process_count(), f"{exp.num_params():,}")
 
@@ -242,6 +279,8 @@ def train(config, workdir: str, stop_after_steps: int | None = None) -> dict[str
     start_step, state, _ = ckpt.restore(exp.abstract_state(), data_iter=data_it,
                                         check_meta=exp.check_meta)
     logging.info("Resumed from step %d in %s.", start_step, ckpt.directory)
+    # Newer but unreadable checkpoints would collide with the saves of this run: move them aside.
+    ckpt.set_aside([s for s in ckpt.skipped_steps if s > start_step])
     if main:
       print(f"Resumed from checkpoint step {start_step}.", flush=True)
   else:
@@ -249,6 +288,8 @@ def train(config, workdir: str, stop_after_steps: int | None = None) -> dict[str
     if cfg.train.init_from:
       state = _restore_init_from(exp, state, cfg.train.init_from)
 
+  if main:  # only now: a refused resume must not overwrite the run's config.json
+    _write_config_json(cfg, workdir)
   train_step, eval_step = compile_steps(exp)
   base_key = jax.random.key(cfg.seed)
   writer = metrics_lib.MetricWriter(workdir)
@@ -261,17 +302,16 @@ def train(config, workdir: str, stop_after_steps: int | None = None) -> dict[str
   pending: list[dict[str, jax.Array]] = []
   last: dict[str, Any] = {}
   meta = exp.checkpoint_meta()
+  stopped_by_signal = False
 
-  def save(step: int, force: bool = False) -> None:
+  def save(step: int) -> None:
+    # A failed save (disk full, quota, storage error) raises CheckpointSaveError: the run stops
+    # rather than train on without checkpoints; Orbax never touches the earlier ones.
     nonlocal last_saved
-    if step == last_saved and not force:
+    if step == last_saved:
       return
-    try:
-      ckpt.save(step, state, cfg, dict(meta, step=step), data_it, force=True)
-      last_saved = step
-    except Exception as e:  # pylint: disable=broad-except  # e.g. disk full
-      logging.error("Saving checkpoint %d failed (%s: %s); earlier checkpoints are intact.",
-                    step, type(e).__name__, e)
+    ckpt.save(step, state, cfg, dict(meta, step=step), data_it, force=True)
+    last_saved = step
 
   step = start_step
   run_limit = total if stop_after_steps is None else min(total, start_step + stop_after_steps)
@@ -285,8 +325,10 @@ def train(config, workdir: str, stop_after_steps: int | None = None) -> dict[str
       state, metrics = train_step(state, batch, base_key)
       step += 1
       pending.append(metrics)
+      # Every process evaluates this at the same steps, so all stop together.
       stop_now = _any_process(sigterm.raised) if (
-          jax.process_count() == 1 or step % 10 == 0) else False
+          jax.process_count() == 1 or step % SIGNAL_SYNC_EVERY == 0) else False
+      stopped_by_signal = stopped_by_signal or stop_now
       if step % cfg.train.log_every == 0 or step == run_limit or stop_now:
         fetched = jax.device_get(pending)
         pending = []
@@ -320,13 +362,20 @@ def train(config, workdir: str, stop_after_steps: int | None = None) -> dict[str
         logging.warning("Stopping at step %d after SIGTERM (checkpoint saved).", step)
         break
     save(step)
+    ckpt.wait()  # the last save is on disk (or its failure raised) before returning
   finally:
     sigterm.uninstall()
     data_it.close()
-    ckpt.wait()
-    ckpt.close()
+    try:
+      ckpt.wait()
+    except ckpt_lib.CheckpointSaveError as e:  # already failing: report, keep the first error
+      logging.error("%s", e)
+    try:
+      ckpt.close()
+    except Exception as e:  # pylint: disable=broad-except
+      logging.error("Closing the checkpoint manager failed: %s", e)
     writer.close()
-  if main and sigterm.raised:
+  if main and stopped_by_signal:
     print(f"Saved checkpoint at step {step} after SIGTERM; re-run the same command to resume.",
           flush=True)
   return dict(last, step=step)

@@ -100,9 +100,11 @@ def test_corrupt_latest_checkpoint_falls_back(tmp_path, caplog):
   step, _ = _params(wd)
   assert step == 3
   assert "corrupt" in caplog.text or "unreadable" in caplog.text
-  # Training resumes from the good one and finishes.
+  # Training resumes from the good one and finishes; the unreadable step 6 is moved aside (not
+  # deleted) so that this run can save its own step 6.
   out = trainer.train(tiny_config(train__num_steps=8), wd)
   assert out["step"] == 8
+  assert os.listdir(os.path.join(wd, "checkpoints_unreadable"))[0].startswith("6.")
 
 
 def test_incompatible_checkpoint_is_refused(tmp_path):
