@@ -1,10 +1,20 @@
 r"""Sampling entry point: checkpoint -> samples (text), with any decoder.
 
-  python -m dlm_jax.sample --workdir=/tmp/run --config.sample.decoder=threshold \
-      --config.sample.tau=0.9 --num_samples=8
+  python -m dlm_jax.sample --workdir=/tmp/run --set decoder=threshold --set tau=0.9 \
+      --set r2=conf,token,stability --num_samples=8
 
-Writes samples.jsonl (one record per sample: text, tokens, NFE) and a summary JSON into
---workdir (or --out_dir) and prints the texts.
+Model scheduling (arXiv 2604.02340): a heavy and a light MDLM run of the same data and
+tokenizer, and a schedule of contiguous segments over the ancestral steps (step 0 = noisy start):
+
+  python -m dlm_jax.sample --workdir=HEAVY --light_workdir=LIGHT --schedule=L8,H16,L8
+
+The schedule's length sets sample.num_steps (or must equal it when --set num_steps=... is given).
+
+Writes samples.jsonl (one record per sample: text, tokens, NFE) and samples_summary.json
+(decoder settings, NFE, tokens per forward, wall time per sample, commits per R² rule, FLOPs per
+sample for schedules) into --workdir (or --out_dir) and prints the texts. Bad input (a threshold
+outside (0, 1], an unknown R² rule, a schedule outside the step range, two runs with different
+methods or tokenizers) stops with exit status 2 before any sampling.
 """
 
 from __future__ import annotations
@@ -12,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from typing import Any
 
 from absl import app
 from absl import flags
@@ -23,7 +34,8 @@ from dlm_jax import checkpoint as ckpt_lib
 from dlm_jax import config_lib
 from dlm_jax import metrics as metrics_lib
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir to sample from.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir to sample from (the heavy "
+                               "model when --light_workdir is given).")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: newest).")
 _NUM = flags.DEFINE_integer("num_samples", None, "Overrides config.sample.num_samples.")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
@@ -32,11 +44,66 @@ _NO_EMA = flags.DEFINE_bool("no_ema", False, "Use the raw parameters instead of 
 _PROMPT = flags.DEFINE_string("prompt", None, "Text prompt (prefix) for conditional sampling.")
 _SET = flags.DEFINE_multi_string(
     "set", [], "config.sample overrides as key=value, e.g. --set decoder=threshold --set tau=0.8")
+_LIGHT = flags.DEFINE_string("light_workdir", None,
+                             "Workdir of the light model for model scheduling (with --schedule).")
+_LIGHT_STEP = flags.DEFINE_integer("light_step", None, "Checkpoint step of the light model.")
+_SCHEDULE = flags.DEFINE_string(
+    "schedule", None, "Heavy/light schedule over the ancestral steps, e.g. L8,H16,L8 (light on "
+    "the first and last 8 of 32 steps).")
+
+RULE_NAMES = ("threshold", "conf_cluster", "token_cluster", "temporal")
+
+
+def _check_sample_options(s: Any, scheduled: bool) -> None:
+  """Flag combinations that cannot work; raises ConfigError before anything is loaded."""
+  from dlm_jax.sampling import r2 as r2_lib  # pylint: disable=g-import-not-at-top
+  if not 0.0 < s.tau <= 1.0:
+    raise config_lib.ConfigError(f"sample.tau={s.tau} is outside (0, 1].")
+  if s.decoder not in config_lib.CHOICES["sample.decoder"]:
+    raise config_lib.ConfigError(f"sample.decoder={s.decoder!r} is not one of "
+                                 f"{config_lib.CHOICES['sample.decoder']}.")
+  if s.r2:
+    if s.decoder != "threshold":
+      raise config_lib.ConfigError(f"sample.r2={s.r2!r} needs sample.decoder=threshold "
+                                   f"(got {s.decoder!r}).")
+    try:
+      r2_lib.R2Config.from_flags(s.r2, tau=s.tau)
+    except ValueError as e:
+      raise config_lib.ConfigError(f"sample.r2: {e}") from None
+  if scheduled and s.decoder != "ancestral":
+    raise config_lib.ConfigError(f"--schedule runs ancestral sampling; sample.decoder="
+                                 f"{s.decoder!r} is not supported with two models.")
+
+
+def _commit_stats(out: dict, n: int) -> dict[str, Any]:
+  """Commits per rule from the decoder's commit_rule [N, G] (blockwise decoders only)."""
+  if "commit_rule" not in out:
+    return {}
+  rules = np.asarray(out["commit_rule"])
+  counts = {name: int(np.sum(rules == i)) for i, name in enumerate(RULE_NAMES)}
+  return dict(commits_per_rule=counts,
+              commits_per_rule_per_sample={k: v / max(n, 1) for k, v in counts.items()},
+              never_committed=int(np.sum(rules < 0)))
+
+
+def _write(out_dir: str, texts, tokens, nfe, summary: dict) -> None:
+  os.makedirs(out_dir, exist_ok=True)
+  records = [dict(text=t, tokens=[int(x) for x in np.asarray(tk).ravel()], nfe=float(n))
+             for t, tk, n in zip(texts, tokens, nfe)]
+  api.write_jsonl(os.path.join(out_dir, "samples.jsonl"), records)
+  with open(os.path.join(out_dir, "samples_summary.json"), "w", encoding="utf-8") as f:
+    json.dump(summary, f, indent=2)
 
 
 def run_sampling(workdir: str, overrides: dict, num_samples: int | None, seed: int,
                  out_dir: str | None, step: int | None = None, use_ema: bool = True,
                  prompt: str | None = None) -> dict:
+  """Single-model sampling; returns dict(summary, texts) and writes the two files."""
+  base = api.read_run_config(workdir, step)[0]
+  s0 = api._fix_types(base).sample  # pylint: disable=protected-access
+  for k, v in overrides.items():
+    s0[k] = v
+  _check_sample_options(s0, scheduled=False)
   run = api.load(workdir, step=step, use_ema=use_ema)
   s = run.config.sample
   for k, v in overrides.items():
@@ -44,24 +111,81 @@ def run_sampling(workdir: str, overrides: dict, num_samples: int | None, seed: i
   if num_samples is not None:
     s.num_samples = num_samples
     s.batch_size = min(s.batch_size, num_samples)
-  if not 0.0 < s.tau <= 1.0:
-    raise config_lib.ConfigError(f"sample.tau={s.tau} is outside (0, 1].")
   out = api.sample_batches(run, s, seed=seed, prompt_text=prompt)
-  nfe = np.asarray(out["nfe"], np.float64).reshape(len(out["texts"]), -1).sum(-1)
+  n = len(out["texts"])
+  nfe = np.asarray(out["nfe"], np.float64).reshape(n, -1).sum(-1)
   gen = int(out.get("gen_len", 0)) or 1
-  lengths = np.asarray(out.get("lengths", np.full(len(nfe), gen)))
   summary = dict(step=run.step, decoder=s.decoder, num_steps=s.num_steps, tau=s.tau,
-                 r2=s.r2, num_samples=len(out["texts"]), mean_nfe=float(nfe.mean()),
-                 tokens_per_forward=metrics_lib.tokens_per_forward(lengths, nfe),
-                 wall_sec_per_sample=out["wall_sec"] / max(len(out["texts"]), 1))
-  out_dir = out_dir or workdir
-  os.makedirs(out_dir, exist_ok=True)
-  records = [dict(text=t, tokens=[int(x) for x in np.asarray(tk).ravel()], nfe=float(n))
-             for t, tk, n in zip(out["texts"], out["tokens"], nfe)]
-  api.write_jsonl(os.path.join(out_dir, "samples.jsonl"), records)
-  with open(os.path.join(out_dir, "samples_summary.json"), "w", encoding="utf-8") as f:
-    json.dump(summary, f, indent=2)
+                 r2=s.r2, num_samples=n, gen_len=gen, mean_nfe=float(nfe.mean()),
+                 total_nfe=float(nfe.sum()),
+                 tokens_per_forward=metrics_lib.tokens_per_forward(np.full(n, gen), nfe),
+                 wall_sec_per_sample=out["wall_sec"] / max(n, 1), wall_includes_compile=True)
+  if "tokens" in out and "prompt_len" in out:
+    gen_tok = np.asarray(out["tokens"])[:, int(out["prompt_len"]):]
+    content = metrics_lib.content_length(gen_tok, run.tokenizer.eos_id)
+    summary["tokens_per_forward_content"] = metrics_lib.tokens_per_forward(content, nfe)
+  summary.update(_commit_stats(out, n))
+  _write(out_dir or workdir, out["texts"], out["tokens"], nfe, summary)
   return dict(summary=summary, texts=out["texts"])
+
+
+def run_scheduled_sampling(workdir: str, light_workdir: str, schedule_spec: str, overrides: dict,
+                           num_samples: int | None, seed: int, out_dir: str | None,
+                           step: int | None = None, light_step: int | None = None,
+                           use_ema: bool = True, prompt: str | None = None) -> dict:
+  """Heavy/light scheduled ancestral sampling; returns dict(summary, texts), writes files.
+
+  Every check (options, schedule range, methods and tokenizers of the two runs) runs before
+  any sampling.
+  """
+  from dlm_jax.sampling import scheduled  # pylint: disable=g-import-not-at-top
+  heavy_cfg = api._fix_types(api.read_run_config(workdir, step)[0])  # pylint: disable=protected-access
+  light_cfg = api._fix_types(api.read_run_config(light_workdir, light_step)[0])  # pylint: disable=protected-access
+  s = heavy_cfg.sample
+  for k, v in overrides.items():
+    s[k] = v
+  _check_sample_options(s, scheduled=True)
+  scheduled.check_pair_configs(heavy_cfg, light_cfg)
+  num_steps = overrides.get("num_steps")
+  schedule = scheduled.resolve_schedule(schedule_spec, num_steps)
+  heavy = api.load(workdir, step=step, use_ema=use_ema)
+  light = api.load(light_workdir, step=light_step, use_ema=use_ema)
+  scheduled.check_pair_tokenizers(heavy.tokenizer, light.tokenizer)
+  s = heavy.config.sample
+  for k, v in overrides.items():
+    s[k] = v
+  s.decoder = "ancestral"
+  s.num_steps = schedule.num_steps
+  if num_samples is not None:
+    s.num_samples = num_samples
+    s.batch_size = min(s.batch_size, num_samples)
+  tok = heavy.tokenizer
+  prompt_ids = None
+  if prompt or s.prompt:
+    ids = [tok.bos_id] + list(tok.encode(prompt or s.prompt))
+    prompt_ids = np.tile(np.asarray(ids, np.int32)[None], (s.batch_size, 1))
+  sampler = scheduled.ScheduledSampler(heavy.method, light.method)
+  out = scheduled.sample_batches(heavy, light, s, schedule, seed=seed, prompt_ids=prompt_ids,
+                                 sampler=sampler)
+  n = out["tokens"].shape[0]
+  texts = [tok.decode(list(r)) for r in out["tokens"]]
+  nfe = np.asarray(out["nfe"], np.float64)
+  seq = int(out["prompt_len"]) + int(out["gen_len"])
+  fcfg_h = scheduled.flops_model_config(heavy.config, tok.vocab_size, seq)
+  fcfg_l = scheduled.flops_model_config(light.config, tok.vocab_size, seq)
+  flops = scheduled.flops_report(schedule, fcfg_h, fcfg_l, out["nfe_heavy"], out["nfe_light"])
+  gen = int(out["gen_len"])
+  summary = dict(step=heavy.step, light_step=light.step, decoder="ancestral",
+                 schedule=str(schedule), num_steps=schedule.num_steps,
+                 num_light_steps=schedule.num_light, num_samples=n, gen_len=gen,
+                 mean_nfe=float(nfe.mean()), total_nfe=float(nfe.sum()),
+                 mean_nfe_heavy=float(np.mean(out["nfe_heavy"])),
+                 mean_nfe_light=float(np.mean(out["nfe_light"])),
+                 tokens_per_forward=metrics_lib.tokens_per_forward(np.full(n, gen), nfe),
+                 wall_sec_per_sample=out["wall_sec"] / max(n, 1), wall_includes_compile=True,
+                 heavy_model=fcfg_h, light_model=fcfg_l, flops=flops)
+  _write(out_dir or workdir, texts, out["tokens"], nfe, summary)
+  return dict(summary=summary, texts=texts)
 
 
 def main(argv):
@@ -69,12 +193,21 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   if not _WORKDIR.value:
     raise app.UsageError("--workdir is required.")
+  if bool(_LIGHT.value) != bool(_SCHEDULE.value):
+    raise app.UsageError("--light_workdir and --schedule go together (model scheduling needs "
+                         "both).")
   # Categorical draws in float64 (spec: float32 Gumbel noise truncates near 15.9 and lowers
   # the effective temperature); training stays float32/bf16.
   jax.config.update("jax_enable_x64", True)
   try:
-    res = run_sampling(_WORKDIR.value, api.parse_sample_overrides(_SET.value), _NUM.value, _SEED.value,
-                       _OUT.value, _STEP.value, not _NO_EMA.value, _PROMPT.value)
+    overrides = api.parse_sample_overrides(_SET.value)
+    if _SCHEDULE.value:
+      res = run_scheduled_sampling(_WORKDIR.value, _LIGHT.value, _SCHEDULE.value, overrides,
+                                   _NUM.value, _SEED.value, _OUT.value, _STEP.value,
+                                   _LIGHT_STEP.value, not _NO_EMA.value, _PROMPT.value)
+    else:
+      res = run_sampling(_WORKDIR.value, overrides, _NUM.value, _SEED.value, _OUT.value,
+                         _STEP.value, not _NO_EMA.value, _PROMPT.value)
   except (config_lib.ConfigError, ckpt_lib.CheckpointError, ValueError, KeyError) as e:
     print(f"ERROR: {e}", file=sys.stderr, flush=True)
     sys.exit(2)

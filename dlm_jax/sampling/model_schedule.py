@@ -178,6 +178,12 @@ def _cfg_flops(cfg: Union[Mapping[str, Any], Any], convention: str) -> float:
                        int(get("vocab")), float(get("mlp_ratio", 4)), convention)
 
 
+def model_forward_flops(cfg: Union[Mapping[str, Any], Any], convention: str = "blocks") -> float:
+  """`forward_flops` of a model described by a mapping or object with n_layers, d, seq_len,
+  vocab (and optionally mlp_ratio)."""
+  return _cfg_flops(cfg, convention)
+
+
 def schedule_flops(is_light, heavy_cfg, light_cfg, convention: str = "blocks",
                    nfe_heavy=None, nfe_light=None, nfe_baseline=None
                    ) -> Tuple[Union[float, np.ndarray], Union[float, np.ndarray]]:
