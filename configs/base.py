@@ -45,13 +45,14 @@ def get_config() -> ml_collections.ConfigDict:
   c.diffusion.schedule = "loglinear"  # loglinear | cosine
   c.diffusion.eps = 0.0
   c.diffusion.t_min = 1e-3
-  c.diffusion.time_sampling = "stratified"  # stratified | vdm | iid
+  c.diffusion.time_sampling = "stratified"  # stratified | vdm | iid | example (t from the example's key)
   c.diffusion.normalize = "token"           # token | sequence | sum
   c.diffusion.eval_num_t = 8                # t-draws per sequence for reported NELBO
   # DID only.
   c.diffusion.did_variant = "variable"      # variable (DISE, count head) | fixed (DICE, seqnorm)
   c.diffusion.did_max_log_count = 6.931471805599453  # log(1024)
   c.diffusion.did_pack = True               # pack surviving tokens of several rows together
+  c.diffusion.did_pack_len = 0              # model row length holding 2 rows' survivors (0 = auto, ~1.125 L)
   # SFT / TRIMS.
   c.diffusion.masking = "random"            # random | trims | trims_easy_first | random_buckets
   c.diffusion.trims_buckets = 8

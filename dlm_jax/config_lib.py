@@ -18,7 +18,7 @@ CHOICES = {
     "model.dtype": ("float32", "bfloat16"),
     "model.attention": ("xla", "pallas", "auto"),
     "diffusion.schedule": ("loglinear", "cosine"),
-    "diffusion.time_sampling": ("stratified", "vdm", "iid"),
+    "diffusion.time_sampling": ("stratified", "vdm", "iid", "example"),
     "diffusion.normalize": ("token", "sequence", "sum"),
     "diffusion.did_variant": ("variable", "fixed"),
     "diffusion.masking": ("random", "trims", "trims_easy_first", "random_buckets"),
@@ -100,6 +100,12 @@ def validate(config: ml_collections.ConfigDict, *, num_data_parallel: int | None
   d, m, t, tr, o = config.data, config.model, config.diffusion, config.train, config.optim
   require(d.seq_len > 0, "data.seq_len", "must be positive.")
   extra = 1 if config.method == "did" else 0
+  if config.method == "did" and t.did_pack:
+    require(t.did_pack_len == 0 or t.did_pack_len > d.seq_len, "diffusion.did_pack_len",
+            f"must be 0 (auto) or longer than data.seq_len={d.seq_len}.")
+    require(tr.global_batch_size % 2 == 0, "train.global_batch_size",
+            f"{tr.global_batch_size} is odd: DID packing (diffusion.did_pack) puts 2 rows in each "
+            "model row; use an even batch or diffusion.did_pack=False.")
   require(d.seq_len + extra <= m.max_len, "data.seq_len",
           f"{d.seq_len}{' (+1 for BOS)' if extra else ''} is longer than model.max_len={m.max_len}; "
           "raise model.max_len or shorten data.seq_len.")

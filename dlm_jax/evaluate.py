@@ -33,6 +33,16 @@ _JUDGE = flags.DEFINE_string("judge_workdir", None,
 _GEN_N = flags.DEFINE_integer("gen_samples", 32, "Samples drawn for gen-PPL.")
 _SET = flags.DEFINE_multi_string("set", [], "config.sample overrides for gen-PPL samples, "
                                  "e.g. --set num_steps=64")
+_TASK = flags.DEFINE_bool("task_accuracy", False,
+                          "ARITH-CHAIN runs: accuracy vs tokens per forward under threshold "
+                          "decoding (1 token/pass and each --taus), AUP, plot + JSON; replaces "
+                          "the likelihood evaluation.")
+_TAUS = flags.DEFINE_list("taus", ["0.9", "0.7", "0.5", "0.3"], "Thresholds for --task_accuracy.")
+_TASK_N = flags.DEFINE_integer("task_n", 2000, "Held-out prompts for --task_accuracy.")
+_TASK_SEED = flags.DEFINE_integer("task_seed", 123, "Seed of the held-out prompts.")
+_TEACHER = flags.DEFINE_string("teacher_workdir", None,
+                               "Causal run for the reveal-rank correlation (default: the teacher "
+                               "recorded in the run's scored SFT set, if any).")
 
 
 def run_eval(workdir: str, step: int | None = None, num_batches: int | None = None,
@@ -69,6 +79,9 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   if not _WORKDIR.value:
     raise app.UsageError("--workdir is required.")
+  if _TASK.value:
+    _main_task_accuracy()
+    return
   try:
     res = run_eval(_WORKDIR.value, _STEP.value, _BATCHES.value, _NUM_T.value, not _NO_EMA.value,
                    _JUDGE.value, _GEN_N.value, api.parse_sample_overrides(_SET.value))
@@ -76,6 +89,33 @@ def main(argv):
     print(f"ERROR: {e}", file=sys.stderr, flush=True)
     sys.exit(2)
   print(json.dumps(res, indent=2))
+
+
+def _main_task_accuracy() -> None:
+  """--task_accuracy: evaluates, prints one line per decode setting, writes JSON + PNG."""
+  from dlm_jax.analysis import task_eval  # pylint: disable=g-import-not-at-top
+  try:
+    taus = [float(t) for t in _TAUS.value]
+  except ValueError:
+    raise app.UsageError(f"--taus={_TAUS.value}: expected comma-separated numbers.") from None
+  if any(not 0.0 < t <= 1.0 for t in taus):
+    raise app.UsageError(f"--taus={_TAUS.value}: every tau must lie in (0, 1].")
+  try:
+    res = task_eval.run_task_eval(_WORKDIR.value, taus=taus, n=_TASK_N.value, seed=_TASK_SEED.value,
+                                  teacher_workdir=_TEACHER.value, step=_STEP.value,
+                                  use_ema=not _NO_EMA.value)
+  except (config_lib.ConfigError, ckpt_lib.CheckpointError, ValueError) as e:
+    print(f"ERROR: {e}", file=sys.stderr, flush=True)
+    sys.exit(2)
+  print(f"{'setting':>8} {'acc%':>6} {'95% CI':>13} {'valid%':>6} {'TPF_gen':>7} {'TPF_cont':>8} "
+        f"{'NFE':>5} {'rank-corr':>9}")
+  for p in res["points"]:
+    lo, hi = p["acc_ci95"]
+    print(f"{p['setting']:>8} {p['accuracy']:6.1f} [{lo:5.1f},{hi:5.1f}] {p['valid_trace_rate']:6.1f} "
+          f"{p['tpf_gen']:7.2f} {p['tpf_content']:8.2f} {p['nfe_mean']:5.1f} "
+          f"{p.get('reveal_rank_corr', float('nan')):9.3f}")
+  print(f"AUP (TPF_gen) {res['aup_tpf_gen']:.1f}, AUP (TPF_content) {res['aup_tpf_content']:.1f} "
+        f"(y_max = {res['y_max']:.1f}, n = {res['n']}); wrote {res.get('json')} and {res.get('plot')}")
 
 
 if __name__ == "__main__":

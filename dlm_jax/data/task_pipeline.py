@@ -137,6 +137,55 @@ def load_sft_set(path: str) -> dict[str, np.ndarray]:
   return data
 
 
+_ORDER_FIELDS = {"hard_first": "buckets", "easy_first": "buckets_easy_first", "random": "buckets_random"}
+
+
+def sft_training_arrays(data: dict[str, np.ndarray], masking: str, num_buckets: int,
+                        path: str = "") -> dict[str, np.ndarray]:
+  """The per-example arrays a training run reads from a scored set, for `config.diffusion.masking`.
+
+  The bucket ORDER of a masking scheme is applied offline (`trims.masking_for`): 'trims' reads the
+  hard-first `buckets`, 'trims_easy_first' `buckets_easy_first`, 'random_buckets'
+  `buckets_random` (a per-response permutation seeded by the example id, fixed for the run);
+  'random' needs none. When the stored K differs from `num_buckets` (or an order is missing), the
+  buckets are recomputed from the stored teacher scores `nll`.
+
+  Args:
+    data: arrays of `load_sft_set`.
+    masking: config.diffusion.masking.
+    num_buckets: config.diffusion.trims_buckets.
+    path: the file, for error messages.
+
+  Returns:
+    {prompt [N, P], response [N, R], example_id [N]} plus buckets [N, R] int8 for TRIMS schemes.
+
+  Raises:
+    ValueError: naming the file and the missing field.
+  """
+  from dlm_jax.diffusion import trims  # pylint: disable=g-import-not-at-top
+  out = {k: data[k] for k in ("prompt", "response", "example_id")}
+  order = trims.masking_for(masking).bucket_order
+  if order is None:
+    return out
+  field = _ORDER_FIELDS[order]
+  stored_k = int(data["num_buckets"]) if "num_buckets" in data else None
+  if field in data and (stored_k is None or stored_k == num_buckets):
+    out["buckets"] = data[field]
+  elif "nll" in data:
+    seed = data["example_id"] if order == "random" else None
+    out["buckets"] = trims.assign_buckets(data["nll"], np.ones(data["nll"].shape, bool),
+                                          K=num_buckets, order=order, seed=seed)
+  else:
+    raise ValueError(f"{path}: config.diffusion.masking={masking!r} needs the array {field!r} "
+                     f"with K = config.diffusion.trims_buckets = {num_buckets} (stored K: "
+                     f"{stored_k}) or the teacher scores 'nll'; re-run "
+                     "`python -m dlm_jax.score_difficulty`.")
+  if out["buckets"].shape != out["response"].shape:
+    raise ValueError(f"{path}: buckets have shape {out['buckets'].shape}, responses "
+                     f"{out['response'].shape}.")
+  return out
+
+
 def make_task_iterator(config, tokenizer, split: str = "train", batch_size: int | None = None):
   """Iterator over ARITH-CHAIN or HMM-16 batches for `config.data.source` in {arith, hmm}."""
   del tokenizer
@@ -152,7 +201,8 @@ def make_task_iterator(config, tokenizer, split: str = "train", batch_size: int 
       raise config_lib.ConfigError(f"config.data.seq_len must be {need} for ARITH-CHAIN "
                                    f"(prompt {task.prompt_len} + response {task.response_len}).")
     if d.path and not evaluating:
-      data = load_sft_set(d.path)
+      data = sft_training_arrays(load_sft_set(d.path), config.diffusion.masking,
+                                 config.diffusion.trims_buckets, d.path)
       n = len(data["prompt"])
       if n < bs:
         raise config_lib.ConfigError(f"config.data.path has {n} examples, fewer than "

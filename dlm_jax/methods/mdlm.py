@@ -25,6 +25,18 @@ def default_maskable(batch: dict[str, jax.Array], bos_id: int) -> jax.Array:
   return (seg > 0) & ~((pos == 0) & (tok == bos_id))
 
 
+def head_budget(batch: int, length: int) -> int:
+  """Static number of positions the sparse output head scores in a training step.
+
+  With stratified t the masked count of a batch concentrates at B L / 2 (standard deviation
+  about sqrt(B L / 6 + L^2 / (12 B)) tokens); 0.6 B L + 64, rounded up to 128, is more than 6
+  standard deviations above for the configs here. Small batches use the dense head.
+  """
+  n = batch * length
+  k = int(-(-(0.6 * n + 64) // 128) * 128)
+  return min(n, k)
+
+
 class MDLM(Method):
   """Masked diffusion LM (arXiv 2406.07524) with optional TRIMS masking for SFT."""
 
@@ -37,22 +49,41 @@ class MDLM(Method):
 
   # -- corruption ----------------------------------------------------------------------------
   def corrupt(self, batch: dict[str, jax.Array], key: jax.Array):
-    """Draws t and masks; returns (xt, is_masked, t, maskable, loss_weighting)."""
+    """Draws t and masks for a global batch.
+
+    Every draw but the stratified/vdm/iid t of the 'random' law comes from the per-example key
+    fold_in(fold_in(key, 1), example_id) (`key` is already folded with the step), so masks do not
+    depend on device count, sharding or the order of the rows.
+
+    Args:
+      batch: tokens / positions / segment_ids [B, L], example_id [B]; optional maskable [B, L]
+        (SFT: response slots) and buckets [B, L] int (TRIMS: 1 = hardest .. K, 0 = never mask),
+        already in the order of config.diffusion.masking (see `trims.masking_for`).
+      key: the step's key.
+
+    Returns:
+      (xt [B, L] int32, is_masked [B, L] bool, t [B] float32, maskable [B, L] bool).
+    """
     d = self.config.diffusion
     tokens = batch["tokens"]
     b = tokens.shape[0]
     maskable = default_maskable(batch, self.ids.bos)
     ex_keys = example_keys(jax.random.fold_in(key, 1), batch["example_id"])
     if d.masking == "random":
-      # Stratified over the global batch (we are inside jit over the global batch).
-      t = mdlm_lib.sample_times(jax.random.fold_in(key, 0), b, d.t_min, d.time_sampling)
+      if d.time_sampling == "example":
+        t = jax.vmap(lambda k: jax.random.uniform(
+            jax.random.fold_in(k, 7), (), jnp.float32, d.t_min, 1.0))(ex_keys)
+      else:
+        # Stratified over the global batch (we are inside jit over the global batch).
+        t = mdlm_lib.sample_times(jax.random.fold_in(key, 0), b, d.t_min, d.time_sampling)
       xt, is_masked = mdlm_lib.forward_mask(ex_keys, tokens, t, maskable, self.schedule,
                                             self.ids.mask)
       return xt, is_masked, t, maskable
     from dlm_jax.diffusion import trims  # pylint: disable=g-import-not-at-top
     if "buckets" not in batch:
       raise ValueError(f"config.diffusion.masking={d.masking!r} needs per-token difficulty "
-                       "buckets in the data (run `python -m dlm_jax.score_difficulty`).")
+                       "buckets in the data (run `python -m dlm_jax.score_difficulty` and set "
+                       "config.data.path to its output).")
     mask, _, t = trims.trims_mask_batch(
         ex_keys, batch["buckets"].astype(jnp.int32), d.trims_buckets,
         p_context=d.trims_p_context, p_future=d.trims_p_future, k_law=d.trims_k_law,
@@ -62,17 +93,30 @@ class MDLM(Method):
 
   # -- training --------------------------------------------------------------------------------
   def train_loss(self, params, batch, key, train=True):
+    """Loss of one global batch.
+
+    sft_weighting='inv_t' (default, pretraining): the NELBO estimate w(t) sum CE with
+    config.diffusion.normalize over maskable slots (arm S: 'sequence'). sft_weighting='uniform'
+    (TRIMS default, and the S-u control with masking='random'): mean CE over the masked slots of
+    the global batch, no 1/t.
+    """
     d = self.config.diffusion
     xt, is_masked, t, maskable = self.corrupt(batch, key)
     dropout_key = jax.random.fold_in(key, 2) if train else None
+    if d.sft_weighting != "uniform" and d.normalize == "token":
+      budget = head_budget(xt.shape[0], xt.shape[1])
+      if budget < xt.size:
+        return self._sparse_head_loss(params, batch, xt, is_masked & maskable, t, maskable,
+                                      dropout_key, budget)
     logits, _ = self.apply(params, xt, batch["positions"], batch["segment_ids"], t, dropout_key)
-    if d.masking != "random" and d.sft_weighting == "uniform":
+    valid_count = jnp.maximum(jnp.sum(maskable.astype(jnp.float32)), 1.0)
+    if d.sft_weighting == "uniform":
       ce = mdlm_lib.masked_cross_entropy(logits, batch["tokens"], self.ids.mask)
       m = is_masked.astype(jnp.float32)
       count = jnp.maximum(jnp.sum(m), 1.0)
-      loss = jnp.sum(ce * m) / count
-      metrics = dict(loss=loss, masked_ce=loss, masked_frac=jnp.sum(m) / jnp.maximum(
-          jnp.sum(maskable.astype(jnp.float32)), 1.0))
+      loss = jnp.sum(jnp.where(is_masked, ce, 0.0)) / count
+      metrics = dict(loss=loss, masked_ce=loss, masked_frac=jnp.sum(m) / valid_count,
+                     mean_t=jnp.mean(t))
       return loss, metrics
     loss, aux = mdlm_lib.mdlm_loss(logits, batch["tokens"], is_masked, t, self.schedule,
                                    maskable, self.ids.mask, d.normalize)
@@ -80,6 +124,41 @@ class MDLM(Method):
     metrics = dict(loss=loss, nelbo=nelbo_tok, bits_per_token=nelbo_tok / jnp.log(2.0),
                    masked_frac=aux["masked_count"] / jnp.maximum(aux["token_count"], 1.0))
     return loss, metrics
+
+  def _sparse_head_loss(self, params, batch, xt, scored, t, maskable, dropout_key, budget):
+    """The NELBO with the V-wide output head run only on (up to `budget`) masked positions.
+
+    The loss reads masked slots only, and with stratified t about half the tokens are masked,
+    so this skips about half of the head's matmul and softmax (the largest cost at V = 50k).
+    When more than `budget` slots are masked the dense head runs instead (lax.cond), so the
+    result is always the exact loss.
+    """
+    b, length = xt.shape
+    x0 = batch["tokens"]
+    flat = scored.reshape(-1)
+    count = jnp.sum(flat.astype(jnp.int32))
+    w = self.schedule.weight(t)
+
+    def sparse(_):
+      idx = jnp.nonzero(flat, size=budget, fill_value=0)[0]
+      logits, _ = self.apply(params, xt, batch["positions"], batch["segment_ids"], t,
+                             dropout_key, score_positions=idx)
+      ce = mdlm_lib.masked_cross_entropy(logits[None], x0.reshape(-1)[idx][None],
+                                         self.ids.mask)[0]
+      keep = jnp.arange(budget) < count
+      return jnp.sum(jnp.where(keep, w[idx // length] * ce, 0.0))
+
+    def dense(_):
+      logits, _ = self.apply(params, xt, batch["positions"], batch["segment_ids"], t, dropout_key)
+      ce = mdlm_lib.masked_cross_entropy(logits, x0, self.ids.mask)
+      return jnp.sum(w[:, None] * jnp.where(scored, ce, 0.0))
+
+    nll_sum = jax.lax.cond(count <= budget, sparse, dense, None)
+    token_count = jnp.maximum(jnp.sum(maskable.astype(jnp.float32)), 1.0)
+    loss = nll_sum / token_count
+    return loss, dict(loss=loss, nelbo=loss, bits_per_token=loss / jnp.log(2.0),
+                      masked_frac=count / token_count,
+                      dense_head=(count > budget).astype(jnp.float32))
 
   def eval_sums(self, params, batch, key):
     maskable = default_maskable(batch, self.ids.bos)
