@@ -80,6 +80,9 @@ def describe_mismatch(saved: dict[str, Any], wanted: dict[str, Any], limit: int 
 
 
 def checkpoint_dir(workdir: str) -> str:
+  """<workdir>/checkpoints; local paths made absolute (Orbax requires it), URLs kept."""
+  if "://" not in workdir:
+    workdir = os.path.abspath(workdir)
   return os.path.join(workdir, "checkpoints")
 
 
