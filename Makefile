@@ -8,7 +8,7 @@ CONFIG ?= configs/mdlm_tiny.py
 export XLA_PYTHON_CLIENT_PREALLOCATE ?= false
 export TF_CPP_MIN_LOG_LEVEL ?= 3
 
-.PHONY: install demo test test-fast bench bench-torch clean
+.PHONY: install demo test test-fast bench bench-torch did-toy trims-toy decoding clean
 
 $(VENV)/.installed: setup.py
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,7 +32,15 @@ test-fast: install
 bench: install
 	$(PY) benchmarks/train_throughput.py
 	$(PY) benchmarks/attention.py
-	$(PY) benchmarks/did_dp.py
+	$(PY) benchmarks/did.py
+
+# Toy reproductions (tables, JSON and plots into benchmarks/results/).
+did-toy: install
+	$(PY) benchmarks/did_toy.py
+trims-toy: install
+	$(PY) benchmarks/trims_toy.py
+decoding: install
+	$(PY) benchmarks/decoding.py
 
 # PyTorch baseline for benchmarks/train_throughput.py, in its own venv (never in the default
 # install: the PyPI torch wheel pulls in ~3 GB of CUDA libraries even for CPU use).
