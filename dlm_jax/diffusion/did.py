@@ -351,36 +351,67 @@ def compact_targets(x0: Array, x0_len: Array, logW: Array) -> tuple[Array, Array
 
 
 @jax.jit
-def _loss_terms(log_scores: Array, x0: Array, x0_len: Array, xt: Array, xt_len: Array,
-                allowed_mask: Array | None) -> tuple[Array, Array, Array]:
-  """Per-sequence (sum s, sum rho out, sum rho log rho, sum rho), each float32 [B]; see `dise_loss`."""
+def gap_loss_terms(log_scores: Array, x0: Array, x0_len: Array, logW: Array, row_valid: Array,  # noqa: N803
+                   allowed_mask: Array | None = None) -> tuple[Array, Array, Array, Array]:
+  """Per-row pieces of DISE/DICE for scores and DP weights that are already aligned row by row.
+
+  Row r of `log_scores` and column r of `logW` must describe the same gap. This is what packed training uses: the
+  DP runs over whole packed rows (documents separated by unique sentinel ids) and its gap columns are sliced to
+  the model's rows, so one call serves rows that hold several documents noised at different times.
+
+  Args:
+    log_scores: float [B, R, V] model log-scores, row r = one gap.
+    x0: int [B, N] clean tokens of the DP (ids < 0 are sentinels with zero weight); x0_len: int [B].
+    logW: float32 [B, N, R] log posterior deletion weights (from `log_insertion_weights`, gap columns aligned).
+    row_valid: bool [B, R] rows that are real gaps (others contribute exact zeros).
+    allowed_mask: optional bool broadcastable to [B, R, V]; False columns count as log-score -inf.
+
+  Returns:
+    s: [B, R] sum_v exp(out), cross: [B, R] sum_{k} W[k, r] out[r, x0[k]], ent: [B, R] sum_v rho log rho,
+    rho: [B, R] sum_v rho (= sum_k W[k, r]); all float32 and 0 on invalid rows.
+  """
   log_scores = jnp.asarray(log_scores, jnp.float32)
   x0 = jnp.asarray(x0, jnp.int32)
   x0_len = jnp.asarray(x0_len, jnp.int32)
-  xt_len = jnp.asarray(xt_len, jnp.int32)
   b, r, v = log_scores.shape
-  m = xt.shape[1]
-  if r != m + 1:
-    raise ValueError(f"log_scores has {r} rows but xt has M = {m} slots; expected M + 1 = {m + 1} rows.")
-  row_valid = jnp.arange(r)[None, :] <= xt_len[:, None]  # [B, M+1]
+  if logW.shape != (b, x0.shape[1], r):
+    raise ValueError(f"logW has shape {logW.shape}; expected [B, N, R] = {(b, x0.shape[1], r)}.")
+  row_valid = jnp.asarray(row_valid, bool)
   keep = jnp.broadcast_to(row_valid[:, :, None], log_scores.shape)
   if allowed_mask is not None:
     keep = keep & jnp.broadcast_to(jnp.asarray(allowed_mask, bool), log_scores.shape)
   out = jnp.where(keep, log_scores, _NEG_INF)  # masked before exp: no 0 * inf in the gradient
-  s_sum = jnp.sum(jnp.exp(out), axis=(1, 2))
+  s_g = jnp.sum(jnp.exp(out), axis=2)
 
-  _, logw = log_insertion_weights(x0, x0_len, xt, xt_len)
-  w = jnp.exp(logw)  # [B, N, M+1]
-  ids = jnp.clip(x0, 0, v - 1)  # invalid slots have w = 0
+  logw = jnp.where(row_valid[:, None, :], logW, _NEG_INF)
+  w = jnp.exp(logw)  # [B, N, R]
+  ids = jnp.clip(x0, 0, v - 1)  # invalid slots and sentinels have w = 0
   idx = jnp.broadcast_to(ids[:, None, :], (b, r, x0.shape[1]))
-  out_k = jnp.take_along_axis(out, idx, axis=2)  # [B, M+1, N] = out[b, g, x0[b, k]]
+  out_k = jnp.take_along_axis(out, idx, axis=2)  # [B, R, N] = out[b, g, x0[b, k]]
   w_t = jnp.swapaxes(w, 1, 2)
-  cross = jnp.sum(jnp.where(w_t > 0, w_t * out_k, 0.0), axis=(1, 2))
+  cross_g = jnp.sum(jnp.where(w_t > 0, w_t * out_k, 0.0), axis=2)
 
   rho_c, _, _ = compact_targets(x0, x0_len, logw)
-  ent = jnp.sum(jnp.where(rho_c > 0, rho_c * _safe_log(rho_c), 0.0), axis=(1, 2))
-  rho_sum = jnp.sum(w, axis=(1, 2))  # = n - m up to rounding
-  return s_sum, cross, ent, rho_sum
+  ent_g = jnp.sum(jnp.where(rho_c > 0, rho_c * _safe_log(rho_c), 0.0), axis=1)
+  rho_g = jnp.sum(w, axis=1)  # sums to n - m up to rounding
+  return s_g, cross_g, ent_g, rho_g
+
+
+@jax.jit
+def _loss_terms(log_scores: Array, x0: Array, x0_len: Array, xt: Array, xt_len: Array,
+                allowed_mask: Array | None) -> tuple[Array, Array, Array, Array]:
+  """Per-sequence (sum s, sum rho out, sum rho log rho, sum rho), each float32 [B]; see `dise_loss`."""
+  x0 = jnp.asarray(x0, jnp.int32)
+  x0_len = jnp.asarray(x0_len, jnp.int32)
+  xt_len = jnp.asarray(xt_len, jnp.int32)
+  r = log_scores.shape[1]
+  m = xt.shape[1]
+  if r != m + 1:
+    raise ValueError(f"log_scores has {r} rows but xt has M = {m} slots; expected M + 1 = {m + 1} rows.")
+  row_valid = jnp.arange(r)[None, :] <= xt_len[:, None]  # [B, M+1]
+  _, logw = log_insertion_weights(x0, x0_len, xt, xt_len)
+  terms = gap_loss_terms(log_scores, x0, x0_len, logw, row_valid, allowed_mask)
+  return tuple(jnp.sum(x, axis=1) for x in terms)
 
 
 def _reduce(per_seq: Array, x0_len: Array, normalize: str) -> tuple[Array, dict]:
@@ -473,6 +504,39 @@ def seqnorm_head(token_logits: Array, row_logits: Array, row_valid: Array, n_mis
   row_lp = jnp.where(row_valid, rows - jnp.where(jnp.isfinite(row_lse), row_lse, 0.0), _NEG_INF)
   log_mass = jnp.log(jnp.asarray(n_missing, jnp.float32) + 1e-4)[:, None, None]
   return tok + row_lp[:, :, None] + log_mass
+
+
+@jax.jit
+def segment_seqnorm_head(token_logits: Array, row_logits: Array, row_segment: Array, n_missing: Array,
+                         disallowed_ids: Sequence[int] | Array = ()) -> Array:
+  """`seqnorm_head` for packed rows: the row softmax runs within each segment (document) of a row.
+
+  out[r, v] = log_softmax_v(token)[v] + log_softmax_{r' in seg(r)}(row)[r] + log(n_seg - m_seg + 1e-4).
+
+  Args:
+    token_logits: float [B, S, V]; row_logits: float [B, S].
+    row_segment: int [B, S] segment id of each row (> 0); 0 marks rows that may not receive insertions.
+    n_missing: float [B, S] n - m of the row's segment (any value on rows with segment 0).
+    disallowed_ids: ids whose column is -inf (BOS, PAD, MASK).
+
+  Returns:
+    float32 [B, S, V] log-scores; -inf on rows with segment 0 and on disallowed columns.
+  """
+  tok = _token_log_softmax(token_logits, disallowed_ids)
+  row_segment = jnp.asarray(row_segment, jnp.int32)
+  b, s = row_segment.shape
+  valid = row_segment > 0
+  rows = jnp.where(valid, jnp.asarray(row_logits, jnp.float32), _NEG_INF)
+  gid = (jnp.arange(b)[:, None] * (s + 1) + row_segment).reshape(-1)  # one id per (row, segment)
+  flat = rows.reshape(-1)
+  mx = jax.ops.segment_max(flat, gid, num_segments=b * (s + 1))
+  mx = jnp.where(jnp.isfinite(mx), mx, 0.0)
+  tot = jax.ops.segment_sum(jnp.where(valid.reshape(-1), jnp.exp(flat - mx[gid]), 0.0), gid,
+                            num_segments=b * (s + 1))
+  lse = (jnp.log(jnp.maximum(tot, 1e-30)) + mx)[gid].reshape(b, s)
+  row_lp = jnp.where(valid, rows - lse, _NEG_INF)
+  log_mass = jnp.log(jnp.maximum(jnp.asarray(n_missing, jnp.float32), 0.0) + 1e-4)
+  return tok + (row_lp + log_mass)[:, :, None]
 
 
 @jax.jit

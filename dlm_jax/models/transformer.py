@@ -178,6 +178,8 @@ class Transformer(nn.Module):
 
   `t` is used only when `cfg.time_conditioning`: [B] (one time per row) or [B, L] (one per token, e.g. DID
   rows that pack documents noised at different times); `aux` only when `cfg.aux_outputs > 0`.
+  With `score_positions` [K] (flat indices into B * L) the output head runs on those positions
+  only and logits are [K, V]: a loss that reads few positions skips most of the V-wide head.
   """
   cfg: TransformerConfig
 
