@@ -1,8 +1,8 @@
 """Embedded default for DID: the King James Bible, 4k BPE, the same model and budget as mdlm_tiny.
 
 Variable-length DID (DISE + count-softmax head + time input) with packing: the survivors of two
-128-token rows share one model row of 160 slots, so a step processes 16 x 160 = 2,560 tokens where
-MDLM processes 32 x 128 = 4,096. Compare with configs/mdlm_tiny.py (same width, depth, batch, steps,
+128-token rows share one model row of 160 slots, so at batch 32 a step processes 16 x 160 = 2,560 tokens where
+MDLM processes 32 x 128 = 4,096 at batch 32. Compare with configs/mdlm_tiny.py (same width, depth, batch, steps,
 optimiser) and judge samples with configs/ar_tiny.py.
 """
 
