@@ -70,8 +70,8 @@ def train_run(name: str, steps: int, workdir: str) -> dict:
 
 
 def nelbo(workdir: str, num_batches: int, use_ema: bool) -> float:
-  from dlm_jax import evaluate  # pylint: disable=g-import-not-at-top
-  res = evaluate.run_eval(workdir, num_batches=num_batches, use_ema=use_ema)
+  from dlm_jax import evaluation  # pylint: disable=g-import-not-at-top  (no absl flags)
+  res = evaluation.run_eval(workdir, num_batches=num_batches, use_ema=use_ema)
   return float(res["nelbo_nats_per_token"])
 
 

@@ -167,11 +167,11 @@ def test_entry_points_train_evaluate_sample(tmp_path):
   recs = [json.loads(x) for x in open(os.path.join(out, "samples.jsonl"))]
   assert len(recs) == 2 and all(1 <= x["nfe"] <= 6 for x in recs)
   # Evaluation (likelihood bound + gen-PPL under an AR judge) and the notebook API, in process.
-  from dlm_jax import evaluate  # pylint: disable=g-import-not-at-top
+  from dlm_jax import evaluation  # pylint: disable=g-import-not-at-top  (no absl flags)
   judge_wd = str(tmp_path / "ar")
   trainer.train(tiny_config(method="ar", train__num_steps=2, train__ckpt_every=2), judge_wd)
-  res = evaluate.run_eval(wd, num_batches=1, num_t=2, judge_workdir=judge_wd, gen_samples=2,
-                          sample_overrides=dict(num_steps=4, batch_size=2))
+  res = evaluation.run_eval(wd, num_batches=1, num_t=2, judge_workdir=judge_wd, gen_samples=2,
+                            sample_overrides=dict(num_steps=4, batch_size=2))
   assert res["method"] == "did" and 0 < res["nelbo_nats_per_token"] < 20 and res["tokens"] > 0
   assert res["gen"]["gen_ppl"] > 1 and res["gen"]["num_steps"] == 4
   run = api.load(wd)

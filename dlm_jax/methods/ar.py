@@ -68,13 +68,6 @@ class AutoRegressive(Method):
     """NLL of each position's NEXT token [B, L] and its validity mask (teacher scoring)."""
     return self._nll(params, batch)
 
-  def logits_fn(self, params):
-    def fn(tokens):
-      b, length = tokens.shape
-      pos = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (b, length))
-      return self.apply(params, tokens, pos, jnp.ones((b, length), jnp.int32), None)[0]
-    return fn
-
   def sample(self, params, key, sample_cfg, prompt=None) -> dict[str, Any]:
     """Left-to-right sampling (temperature 1, or greedy when sample.tau == 1.0 is unused)."""
     s = sample_cfg

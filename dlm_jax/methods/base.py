@@ -65,6 +65,16 @@ class Method:
     return self.model.apply({"params": params}, tokens, positions, segment_ids, t,
                             deterministic, score_positions, rngs=rngs)
 
+  def logits_fn(self, params: Any):
+    """Closure tokens [B, L] -> logits [B, L, V]: one unsegmented row per sample (samplers)."""
+
+    def fn(tokens):
+      b, length = tokens.shape
+      pos = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (b, length))
+      return self.apply(params, tokens, pos, jnp.ones((b, length), jnp.int32), None)[0]
+
+    return fn
+
   # -- interface ---------------------------------------------------------------------------
   def train_loss(self, params: Any, batch: dict[str, jax.Array], key: jax.Array,
                  train: bool = True) -> tuple[jax.Array, dict[str, jax.Array]]:

@@ -172,17 +172,6 @@ class MDLM(Method):
     return dict(nll_sum=jnp.sum(per_seq), token_count=jnp.sum(maskable.astype(jnp.float32)))
 
   # -- sampling --------------------------------------------------------------------------------
-  def logits_fn(self, params):
-    """Closure tokens [B, L] -> SUBS-ready logits [B, L, V] for one unsegmented row."""
-
-    def fn(tokens):
-      b, length = tokens.shape
-      pos = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (b, length))
-      seg = jnp.ones((b, length), jnp.int32)
-      return self.apply(params, tokens, pos, seg, None)[0]
-
-    return fn
-
   def sample(self, params, key, sample_cfg, prompt=None) -> dict[str, Any]:
     """Generates sample_cfg.batch_size rows; returns tokens, nfe and decoder statistics."""
     s = sample_cfg
