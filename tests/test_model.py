@@ -9,6 +9,7 @@ import pytest
 
 from dlm_jax import experiment as exp_lib
 from dlm_jax import parallel
+from dlm_jax.diffusion import mdlm as mdlm_lib
 from dlm_jax.models import attention
 from dlm_jax.models.transformer import Transformer, TransformerConfig
 from tests.tiny import tiny_config
@@ -121,3 +122,35 @@ def test_sparse_output_head_gives_the_exact_loss(budget, monkeypatch):
   assert float(l_sparse) == pytest.approx(float(l_dense), rel=1e-6)
   for a, b in zip(jax.tree.leaves(g_sparse), jax.tree.leaves(g_dense)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("budget,with_bias", [(24, True), (8, True), (64, False)])
+def test_fused_masked_head_matches_autodiff_of_the_plain_head(budget, with_bias):
+  """24: sparse (13 scored rows); 8: overflow -> dense branch; 64 >= N: always dense."""
+  from dlm_jax.models import output_head
+  n, d, v, mask_id = 64, 16, 37, 36
+  ks = jax.random.split(jax.random.key(0), 5)
+  h = jax.random.normal(ks[0], (n, d))
+  kernel = jax.random.normal(ks[1], (d, v)) * 0.3
+  bias = jax.random.normal(ks[2], (v,)) if with_bias else None
+  targets = jax.random.randint(ks[3], (n,), 0, v - 1)
+  weights = jnp.where(jnp.arange(n) % 5 == 0, jax.random.uniform(ks[4], (n,)) + 0.5, 0.0)
+
+  def plain(h, kernel, bias, weights):
+    logits = h @ kernel + (0.0 if bias is None else bias)
+    return jnp.sum(weights * mdlm_lib.masked_cross_entropy(logits, targets, mask_id))
+
+  def fused(h, kernel, bias, weights):
+    return output_head.masked_head_nll(h, kernel, bias, targets, weights, budget, mask_id)
+
+  argnums = (0, 1, 2, 3) if with_bias else (0, 1, 3)
+  want = jax.value_and_grad(plain, argnums=argnums)(h, kernel, bias, weights)
+  got = jax.jit(jax.value_and_grad(fused, argnums=argnums))(h, kernel, bias, weights)
+  assert float(got[0]) == pytest.approx(float(want[0]), rel=1e-5)
+  scored = np.asarray(weights) != 0
+  for a, b in zip(got[1][:-1], want[1][:-1]):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(got[1][-1])[scored], np.asarray(want[1][-1])[scored],
+                             rtol=1e-5)
+  # Unscored rows get exactly zero gradient.
+  np.testing.assert_array_equal(np.asarray(got[1][0])[np.asarray(weights) == 0], 0.0)

@@ -56,14 +56,17 @@ class Method:
 
   def apply(self, params: Any, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array,
             t: jax.Array | None, dropout_key: jax.Array | None = None,
-            score_positions: jax.Array | None = None):
-    """Runs the network; returns (logits [B, L, V] (or [K, V]) float32, aux or None)."""
+            features_only: bool = False):
+    """Runs the network; returns (logits [B, L, V] float32, aux or None).
+
+    With `features_only`, the first output is the hidden state [B, L, d] before the head.
+    """
     deterministic = dropout_key is None or self.model_cfg.dropout == 0.0
     rngs = None if deterministic else {"dropout": dropout_key}
     if not self.model_cfg.time_conditioning:
       t = None
     return self.model.apply({"params": params}, tokens, positions, segment_ids, t,
-                            deterministic, score_positions, rngs=rngs)
+                            deterministic, features_only, rngs=rngs)
 
   def logits_fn(self, params: Any):
     """Closure tokens [B, L] -> logits [B, L, V]: one unsegmented row per sample (samplers)."""

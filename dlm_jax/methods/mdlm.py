@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import math
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -12,6 +14,8 @@ import ml_collections
 from dlm_jax.diffusion import mdlm as mdlm_lib
 from dlm_jax.diffusion import schedules
 from dlm_jax.methods.base import Method, example_keys
+from dlm_jax.models import output_head
+from dlm_jax.models.transformer import DTYPES
 
 
 def default_maskable(batch: dict[str, jax.Array], bos_id: int) -> jax.Array:
@@ -130,30 +134,23 @@ class MDLM(Method):
 
     The loss reads masked slots only, and with stratified t about half the tokens are masked,
     so this skips about half of the head's matmul and softmax (the largest cost at V = 50k).
-    When more than `budget` slots are masked the dense head runs instead (lax.cond), so the
-    result is always the exact loss.
+    The head and its cross-entropy are fused (`output_head.masked_head_nll`): the [N, V] logits
+    are not kept for the backward pass, and when more than `budget` slots are masked the dense
+    head runs instead, so the result is always the exact loss.
     """
     b, length = xt.shape
-    x0 = batch["tokens"]
-    flat = scored.reshape(-1)
-    count = jnp.sum(flat.astype(jnp.int32))
-    w = self.schedule.weight(t)
-
-    def sparse(_):
-      idx = jnp.nonzero(flat, size=budget, fill_value=0)[0]
-      logits, _ = self.apply(params, xt, batch["positions"], batch["segment_ids"], t,
-                             dropout_key, score_positions=idx)
-      ce = mdlm_lib.masked_cross_entropy(logits[None], x0.reshape(-1)[idx][None],
-                                         self.ids.mask)[0]
-      keep = jnp.arange(budget) < count
-      return jnp.sum(jnp.where(keep, w[idx // length] * ce, 0.0))
-
-    def dense(_):
-      logits, _ = self.apply(params, xt, batch["positions"], batch["segment_ids"], t, dropout_key)
-      ce = mdlm_lib.masked_cross_entropy(logits, x0, self.ids.mask)
-      return jnp.sum(w[:, None] * jnp.where(scored, ce, 0.0))
-
-    nll_sum = jax.lax.cond(count <= budget, sparse, dense, None)
+    h, _ = self.apply(params, xt, batch["positions"], batch["segment_ids"], t, dropout_key,
+                      features_only=True)
+    if self.model_cfg.tie_embeddings:
+      kernel = params["embed"]["embedding"].T / math.sqrt(self.model_cfg.d_model)
+      bias = None
+    else:
+      kernel, bias = params["head"]["kernel"], params["head"]["bias"]
+    weights = jnp.where(scored, self.schedule.weight(t)[:, None], 0.0).reshape(-1)
+    nll_sum = output_head.masked_head_nll(
+        h.reshape(b * length, -1), kernel, bias, batch["tokens"].reshape(-1), weights, budget,
+        self.ids.mask, DTYPES[self.model_cfg.dtype])
+    count = jnp.sum(scored.astype(jnp.int32))
     token_count = jnp.maximum(jnp.sum(maskable.astype(jnp.float32)), 1.0)
     loss = nll_sum / token_count
     return loss, dict(loss=loss, nelbo=loss, bits_per_token=loss / jnp.log(2.0),

@@ -178,14 +178,14 @@ class Transformer(nn.Module):
 
   `t` is used only when `cfg.time_conditioning`: [B] (one time per row) or [B, L] (one per token, e.g. DID
   rows that pack documents noised at different times); `aux` only when `cfg.aux_outputs > 0`.
-  With `score_positions` [K] (flat indices into B * L) the output head runs on those positions
-  only and logits are [K, V]: a loss that reads few positions skips most of the V-wide head.
+  With `features_only` the head is skipped and the first output is the final normalised hidden
+  state [B, L, d] (for a loss that fuses the head, see `output_head.masked_head_nll`).
   """
   cfg: TransformerConfig
 
   @nn.compact
   def __call__(self, tokens, positions=None, segment_ids=None, t=None, deterministic=True,
-               score_positions=None):
+               features_only=False):
     cfg = self.cfg
     dtype = DTYPES[cfg.dtype]
     b, length = tokens.shape
@@ -220,15 +220,14 @@ class Transformer(nn.Module):
       y = LayerNorm(use_scale=False, name="ln_final")(x) * (1 + scale) + shift
     else:
       y = LayerNorm(name="ln_final")(x)
-    if score_positions is not None:
-      y = y.reshape(b * length, -1)[score_positions]  # [K, d]
+    if features_only:  # the caller applies params["head"] itself (models/output_head.py)
+      return y, None
     if cfg.tie_embeddings:
       logits = embed.attend(y.astype(jnp.float32)) / math.sqrt(cfg.d_model)
     else:
       logits = dense(cfg.vocab_size, ("embed", "vocab"), "head", dtype)(y)
     logits = logits.astype(jnp.float32)
-    if score_positions is None:
-      logits = nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
+    logits = nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
     aux = None
     if cfg.aux_outputs:
       aux = dense(cfg.aux_outputs, ("embed", "aux"), "aux_head", jnp.float32)(y).astype(jnp.float32)
