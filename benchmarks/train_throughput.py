@@ -1,12 +1,12 @@
 r"""Train-step throughput of dlm-jax's MDLM, side by side with a PyTorch implementation.
 
-  python benchmarks/train_throughput.py [--steps=10] [--torch_python=.venv-torch/bin/python]
+  python benchmarks/train_throughput.py [--steps=10] [--rounds=3] [--torch_python=.venv-torch/bin/python]
 
 Two settings:
   tiny  the embedded default (configs/mdlm_tiny.py): 4 blocks, d 128, L 128, batch 32, V 4096
   cmp   the comparison point of issue 3: 4 blocks, d 256, 4 heads, L 256, batch 8, V 50258
 
-For each: step time (median of timed steps after warm-up, one host sync at the end of each
+For each: step time (median of timed windows after warm-up, one host sync at the end of each
 timed window) and tokens/s. When a Python with PyTorch is given (or .venv-torch exists; `make
 bench-torch` creates it), benchmarks/torch_mdlm_reference.py runs the same model, loss and
 optimizer on the same CPU in the same run and the ratio is printed. Figures only; no asserts.
@@ -63,7 +63,8 @@ def _config(s):
   return c
 
 
-def bench_jax(s, steps: int, warmup: int = 3) -> dict:
+def setup_jax(s):
+  """Compiles the step once; returns (run(steps) -> step seconds, info dict)."""
   cfg = _config(s)
   mesh = parallel.make_mesh(cfg.mesh, jax.devices()[:1])
   exp = exp_lib.Experiment.create(cfg, mesh=mesh, tokenizer=_FakeTokenizer(s["vocab"]))
@@ -79,27 +80,34 @@ def bench_jax(s, steps: int, warmup: int = 3) -> dict:
         dict(tokens=tok, segment_ids=np.ones_like(tok),
              positions=np.broadcast_to(np.arange(l, dtype=np.int32), (b, l)).copy()), exp.mesh))
   key = jax.random.key(0)
+  holder = dict(state=state)
   t0 = time.perf_counter()
-  state, m = train_step(state, batches[0], key)
+  holder["state"], m = train_step(holder["state"], batches[0], key)
   jax.block_until_ready(m["loss"])
   compile_s = time.perf_counter() - t0
-  for i in range(warmup):
-    state, m = train_step(state, batches[i % 4], key)
-  jax.block_until_ready(m["loss"])
-  times = []
-  window = 5
-  for w in range(max(steps // window, 1)):
-    t0 = time.perf_counter()
-    for i in range(window):
-      state, m = train_step(state, batches[i % 4], key)
+
+  def run(steps: int, warmup: int = 3) -> tuple[float, float]:
+    for i in range(warmup):
+      holder["state"], m = train_step(holder["state"], batches[i % 4], key)
     jax.block_until_ready(m["loss"])
-    times.append((time.perf_counter() - t0) / window)
-  step = statistics.median(times)
-  n_params = exp.num_params()
+    times, window = [], 5
+    for _ in range(max(steps // window, 1)):
+      t0 = time.perf_counter()
+      for i in range(window):
+        holder["state"], m = train_step(holder["state"], batches[i % 4], key)
+      jax.block_until_ready(m["loss"])
+      times.append((time.perf_counter() - t0) / window)
+    return statistics.median(times), float(m["loss"])
+
   flops = 3 * forward_flops_per_token(exp.method.model_cfg, l) * b * l
-  return dict(framework="jax", step_ms=step * 1e3, tokens_per_sec=b * l / step,
-              gflops_per_sec=flops / step / 1e9, params=n_params, compile_sec=compile_s,
-              final_loss=float(m["loss"]))
+  return run, dict(params=exp.num_params(), compile_sec=compile_s, flops=flops, tokens=b * l)
+
+
+def bench_jax(run, info, steps: int) -> dict:
+  step, loss = run(steps)
+  return dict(framework="jax", step_ms=step * 1e3, tokens_per_sec=info["tokens"] / step,
+              gflops_per_sec=info["flops"] / step / 1e9, params=info["params"],
+              compile_sec=info["compile_sec"], final_loss=loss)
 
 
 def bench_torch(python: str, name: str, s, steps: int) -> dict | None:
@@ -116,31 +124,48 @@ def bench_torch(python: str, name: str, s, steps: int) -> dict | None:
 def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--steps", type=int, default=10)
+  ap.add_argument("--rounds", type=int, default=3,
+                  help="alternating dlm-jax / PyTorch rounds; the ratio is the median over "
+                       "rounds, so a slow spell on a shared host hits both sides")
   ap.add_argument("--settings", default="tiny,cmp")
   default_torch = os.path.join(ROOT, ".venv-torch", "bin", "python")
   ap.add_argument("--torch_python", default=default_torch if os.path.exists(default_torch) else "")
   args = ap.parse_args()
-  print(f"jax {jax.__version__} on {jax.devices()[0].platform}, {os.cpu_count()} CPU cores")
+  print(f"jax {jax.__version__} on {jax.devices()[0].platform}, {os.cpu_count()} CPU cores, "
+        f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
   rows = []
   for name in args.settings.split(","):
     s = SETTINGS[name]
-    j = bench_jax(s, args.steps)
-    t = bench_torch(args.torch_python, name, s, args.steps) if args.torch_python else None
-    rows.append((name, s, j, t))
-    print(f"\n[{name}] {s}")
-    print(f"  dlm-jax : {j['step_ms']:8.1f} ms/step  {j['tokens_per_sec']:10,.0f} tok/s  "
-          f"{j['gflops_per_sec']:6.1f} GFLOP/s  params {j['params']:,}  (compile {j['compile_sec']:.1f}s)")
-    if t:
-      print(f"  pytorch : {t['step_ms']:8.1f} ms/step  {t['tokens_per_sec']:10,.0f} tok/s  "
-            f"(torch {t['version']}, {t['threads']} threads)")
-      print(f"  ratio   : dlm-jax / pytorch throughput = {j['tokens_per_sec'] / t['tokens_per_sec']:.2f}x")
+    run, info = setup_jax(s)
+    print(f"\n[{name}] {s}  params {info['params']:,}  (compile {info['compile_sec']:.1f}s)")
+    js, ts, ratios = [], [], []
+    for r in range(args.rounds):
+      j = bench_jax(run, info, args.steps)
+      t = bench_torch(args.torch_python, name, s, args.steps) if args.torch_python else None
+      js.append(j)
+      line = (f"  round {r}: dlm-jax {j['step_ms']:8.1f} ms/step {j['tokens_per_sec']:9,.0f} tok/s "
+              f"{j['gflops_per_sec']:6.1f} GFLOP/s")
+      if t:
+        ts.append(t)
+        ratios.append(j["tokens_per_sec"] / t["tokens_per_sec"])
+        line += (f" | pytorch {t['step_ms']:8.1f} ms/step {t['tokens_per_sec']:9,.0f} tok/s "
+                 f"(torch {t['version']}, {t['threads']} threads) | ratio {ratios[-1]:.2f}x")
+      print(line)
+    j = min(js, key=lambda x: abs(x["step_ms"] - statistics.median(y["step_ms"] for y in js)))
+    t = (min(ts, key=lambda x: abs(x["step_ms"] - statistics.median(y["step_ms"] for y in ts)))
+         if ts else None)
+    ratio = statistics.median(ratios) if ratios else None
+    if ratio is not None:
+      print(f"  median ratio dlm-jax / pytorch throughput = {ratio:.2f}x "
+            f"(rounds: {', '.join(f'{x:.2f}' for x in ratios)})")
     else:
       print("  pytorch : not run (make bench-torch, or --torch_python=PATH)")
-  print("\n| setting | dlm-jax ms/step | dlm-jax tok/s | PyTorch ms/step | PyTorch tok/s | ratio |")
+    rows.append((name, s, j, t, ratio))
+  print("\n| setting | dlm-jax ms/step | dlm-jax tok/s | PyTorch ms/step | PyTorch tok/s | "
+        "median ratio |")
   print("|---|---|---|---|---|---|")
-  for name, s, j, t in rows:
-    tt = (f"{t['step_ms']:.1f} | {t['tokens_per_sec']:,.0f} | "
-          f"{j['tokens_per_sec'] / t['tokens_per_sec']:.2f}x") if t else "- | - | -"
+  for name, s, j, t, ratio in rows:
+    tt = (f"{t['step_ms']:.1f} | {t['tokens_per_sec']:,.0f} | {ratio:.2f}x") if t else "- | - | -"
     print(f"| {name} (L {s['seq_len']}, B {s['batch']}, V {s['vocab']}) | {j['step_ms']:.1f} | "
           f"{j['tokens_per_sec']:,.0f} | {tt} |")
 

@@ -85,6 +85,29 @@ def test_paper_config_without_data_says_how_to_prepare(tmp_path):
   assert "dlm_jax.data.prepare" in r.stderr
   assert not os.path.exists(tmp_path / "w" / "checkpoints" / "0")
 
+  # With the data prepared (here from 40 small local files, as a user would from the OWT dump),
+  # the same paper config starts and trains: GPT-2 BPE, the OWT ArrayRecords through TFDS.
+  # Only the model and batch are shrunk, so the step fits a test's budget.
+  src = tmp_path / "owt_src"
+  src.mkdir()
+  for i in range(40):
+    (src / f"doc{i:02d}.txt").write_text(f"Document {i} of a small web corpus. " * (3 + i % 5))
+  prep = _run(["dlm_jax.data.prepare", "--dataset=openwebtext", f"--source_dir={src}",
+               f"--data_dir={tmp_path / 'tfds'}"])
+  assert prep.returncode == 0, prep.stderr[-2000:]
+  r = _run(["dlm_jax.train", "--config=configs/mdlm_owt.py", f"--workdir={tmp_path / 'w'}",
+            f"--config.data.tfds_data_dir={tmp_path / 'tfds'}", "--config.model.num_layers=1",
+            "--config.model.d_model=32", "--config.model.num_heads=2", "--config.data.seq_len=64",
+            "--config.model.max_len=64", "--config.train.global_batch_size=8",
+            "--config.train.num_steps=2", "--config.train.log_every=1",
+            "--config.train.ckpt_every=2", "--config.train.eval_every=2",
+            "--config.train.eval_batches=1", "--config.data.prefetch=0"])
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert "step       2/2" in r.stdout, r.stdout[-2000:]
+  assert os.path.exists(tmp_path / "w" / "checkpoints" / "2")
+  cfg = json.load(open(tmp_path / "w" / "config.json"))
+  assert cfg["data"]["tokenizer"] == "gpt2" and cfg["data"]["tfds_name"] == "openwebtext_local"
+
 
 def test_sigterm_saves_and_exits_cleanly(tmp_path):
   wd = str(tmp_path / "run")
