@@ -99,10 +99,12 @@ def test_pallas_train_step_matches_xla(caplog):
     np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5)
 
 
-@pytest.mark.parametrize("budget", [768, 64])  # 768: sparse head; 64: overflow -> dense branch
-def test_sparse_output_head_gives_the_exact_loss(budget, monkeypatch):
+# 768: sparse head; 64: overflow -> dense branch; tied: the kernel is the scaled embedding.
+@pytest.mark.parametrize("budget,tied", [(768, False), (64, False), (768, True)])
+def test_sparse_output_head_gives_the_exact_loss(budget, tied, monkeypatch):
   from dlm_jax.methods import mdlm as mdlm_method
   cfg = tiny_config()
+  cfg.model.tie_embeddings = tied
   cfg.train.global_batch_size = 32
   cfg.mesh.data = 1
   exp = exp_lib.Experiment.create(cfg, mesh=parallel.make_mesh(cfg.mesh, jax.devices()[:1]))
