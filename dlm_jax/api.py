@@ -108,7 +108,6 @@ class LoadedRun:
 
   def loss(self, texts: Sequence[str], seed: int = 0) -> np.ndarray:
     """Likelihood bound of each text in nats per token (method's NELBO, eval_num_t draws)."""
-    from dlm_jax.data import pipeline  # pylint: disable=g-import-not-at-top
     tok = self.tokenizer
     seq_len = self.config.data.seq_len
     rows = []
@@ -117,7 +116,6 @@ class LoadedRun:
       if len(ids) > seq_len:
         raise ValueError(f"Text of {len(ids)} tokens is longer than data.seq_len={seq_len}.")
       rows.append(ids)
-    del pipeline
     b = len(rows)
     tokens = np.full((b, seq_len), tok.pad_id, np.int32)
     seg = np.zeros((b, seq_len), np.int32)

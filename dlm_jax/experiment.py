@@ -76,12 +76,6 @@ def make_tokenizer(config: ml_collections.ConfigDict):
   return tokenizers.get_tokenizer("bpe", vocab_size=d.vocab_size, train_texts=train_texts)
 
 
-def corpus_name(config: ml_collections.ConfigDict) -> str:
-  d = config.data
-  return {"bible": "bible", "text": f"text:{d.path}", "tfds": f"tfds:{d.tfds_name}"}.get(
-      d.source, d.source)
-
-
 def make_source(config: ml_collections.ConfigDict, split: str):
   """A random-access source of documents (str) for `split`."""
   from dlm_jax.data import sources  # pylint: disable=g-import-not-at-top

@@ -156,3 +156,21 @@ def test_fused_masked_head_matches_autodiff_of_the_plain_head(budget, with_bias)
                              rtol=1e-5)
   # Unscored rows get exactly zero gradient.
   np.testing.assert_array_equal(np.asarray(got[1][0])[np.asarray(weights) == 0], 0.0)
+
+
+def test_ar_sampler_keeps_the_prompt_is_reproducible_and_compiled_once():
+  cfg = tiny_config(method="ar")
+  cfg.mesh.data = 1
+  exp = exp_lib.Experiment.create(cfg, mesh=parallel.make_mesh(cfg.mesh, jax.devices()[:1]))
+  params = exp.init_state(0).params
+  s = cfg.sample.copy_and_resolve_references()
+  s.batch_size, s.gen_len = 2, 6
+  prompt = jnp.asarray([[exp.tokenizer.bos_id, 70, 71]] * 2, jnp.int32)
+  a = exp.method.sample(params, jax.random.key(0), s, prompt)
+  b = exp.method.sample(params, jax.random.key(0), s, prompt)
+  c = exp.method.sample(jax.tree.map(lambda x: x * 1.5, params), jax.random.key(1), s, prompt)
+  assert a["tokens"].shape == (2, 9) and np.all(np.asarray(a["tokens"])[:, :3] == prompt)
+  np.testing.assert_array_equal(a["tokens"], b["tokens"])
+  assert not np.any(np.asarray(a["tokens"])[:, 3:] == exp.tokenizer.mask_id)
+  assert not np.array_equal(a["tokens"], c["tokens"])
+  assert len(exp.method._sampler_cache) == 1  # new params and keys reuse the compiled sampler

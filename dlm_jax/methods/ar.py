@@ -69,7 +69,7 @@ class AutoRegressive(Method):
     return self._nll(params, batch)
 
   def sample(self, params, key, sample_cfg, prompt=None) -> dict[str, Any]:
-    """Left-to-right sampling (temperature 1, or greedy when sample.tau == 1.0 is unused)."""
+    """Left-to-right ancestral sampling at temperature 1 (the mask id is never drawn)."""
     s = sample_cfg
     b = s.batch_size
     if prompt is None:
@@ -81,11 +81,18 @@ class AutoRegressive(Method):
     if total > self.model_cfg.max_len:
       raise ValueError(f"prompt ({p}) + sample.gen_len ({gen_len}) is longer than model.max_len="
                        f"{self.model_cfg.max_len}.")
-    fn = self.logits_fn(params)
+    run = self._compiled_sampler(b, p, gen_len)
+    return dict(run(params, key, prompt), prompt_len=p, gen_len=gen_len)
+
+  def _compiled_sampler(self, b: int, p: int, gen_len: int):
+    """One jitted sampler per (batch, prompt length, gen_len); params, key, prompt are traced."""
+    cache = self.__dict__.setdefault("_sampler_cache", {})
+    if (b, p, gen_len) in cache:
+      return cache[(b, p, gen_len)]
 
     @jax.jit
     def run(params, key, prompt):
-      del params
+      fn = self.logits_fn(params)
       tokens = jnp.concatenate([prompt, jnp.full((b, gen_len), self.ids.pad, jnp.int32)], 1)
 
       def step(i, tokens):
@@ -97,4 +104,5 @@ class AutoRegressive(Method):
       tokens = jax.lax.fori_loop(0, gen_len, step, tokens)
       return dict(tokens=tokens, nfe=jnp.full((b,), gen_len, jnp.int32))
 
-    return dict(run(params, key, prompt), prompt_len=p, gen_len=gen_len)
+    cache[(b, p, gen_len)] = run
+    return run
