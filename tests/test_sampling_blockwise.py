@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from dlm_jax.sampling import blockwise
-from dlm_jax.sampling.common import (DecodeResult, bits_per_token, content_length,
-                                     perplexity_bound, tokens_per_forward, wilson_interval)
+from dlm_jax.metrics import bits_per_token, content_length, perplexity_bound, tokens_per_forward
+from dlm_jax.sampling.common import DecodeResult, wilson_interval
 
 MASK = 0
 K = 16  # non-mask ids 1..K

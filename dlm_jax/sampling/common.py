@@ -1,4 +1,4 @@
-"""Shared pieces of the samplers and decoders: result type, float64 draws, metrics.
+"""Shared pieces of the samplers and decoders: result type, float64 draws, intervals.
 
 Everything here is a pure function of arrays and PRNG keys.
 
@@ -12,14 +12,13 @@ samplers under `with jax.enable_x64(True):` for any reported generation metric.
 from __future__ import annotations
 
 import math
-from typing import Tuple, Union
+from typing import Tuple
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-ArrayLike = Union[jax.Array, np.ndarray, float, int]
 
 # Values of `DecodeResult.commit_rule`.
 RULE_NEVER = -1
@@ -94,47 +93,6 @@ def categorical_f64(key: jax.Array, log_weights: jax.Array) -> jax.Array:
   lw = log_weights.astype(dtype)
   scores = lw + gumbel_noise(key, lw.shape)
   return jnp.argmax(scores, axis=-1).astype(jnp.int32)
-
-
-def tokens_per_forward(n_tokens: ArrayLike, nfe: ArrayLike) -> jax.Array:
-  """Tokens per forward = sum_b n_b / sum_b NFE_b (ratio of sums).
-
-  Args:
-    n_tokens: [B] tokens counted per sample (G for TPF_gen, content length for TPF_content).
-    nfe: [B] forward passes per sample.
-
-  Returns:
-    Scalar float32.
-  """
-  n = jnp.sum(jnp.asarray(n_tokens, jnp.float32))
-  f = jnp.sum(jnp.asarray(nfe, jnp.float32))
-  return n / f
-
-
-def content_length(tokens: jax.Array, eos_id: int) -> jax.Array:
-  """Number of tokens before the first `eos_id` in each row (the full length if none).
-
-  Args:
-    tokens: [B, G] int generated tokens.
-    eos_id: id of the end-of-sequence token.
-
-  Returns:
-    [B] int32.
-  """
-  tokens = jnp.asarray(tokens)
-  is_eos = tokens == eos_id
-  first = jnp.argmax(is_eos, axis=-1)
-  return jnp.where(jnp.any(is_eos, axis=-1), first, tokens.shape[-1]).astype(jnp.int32)
-
-
-def bits_per_token(nats_sum: ArrayLike, token_count: ArrayLike) -> jax.Array:
-  """Bits per token = (nats_sum / token_count) / ln 2."""
-  return jnp.asarray(nats_sum, jnp.float32) / jnp.asarray(token_count, jnp.float32) / math.log(2.0)
-
-
-def perplexity_bound(nats_sum: ArrayLike, token_count: ArrayLike) -> jax.Array:
-  """Perplexity bound = exp(nats_sum / token_count)."""
-  return jnp.exp(jnp.asarray(nats_sum, jnp.float32) / jnp.asarray(token_count, jnp.float32))
 
 
 def wilson_interval(k: int, n: int, z: float = 1.959963984540054) -> Tuple[float, float]:
