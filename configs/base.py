@@ -13,8 +13,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.seed = 0
 
   c.data = ml_collections.ConfigDict()
-  c.data.source = "bible"    # bible | text | tfds | arith | hmm
-  c.data.path = ""           # text: a file or folder of .txt / .jsonl
+  c.data.source = "bible"    # bible | text | tfds | arith | hmm | sft (prompt/response SFT)
+  c.data.path = ""           # text: .txt / .jsonl file or folder; sft: .jsonl or scored .npz
   c.data.tfds_name = ""      # tfds: e.g. "lm1b" or "openwebtext_local"
   c.data.tfds_data_dir = ""  # tfds: where the prepared ArrayRecord files are
   c.data.train_split = "train"

@@ -13,7 +13,7 @@ import ml_collections
 
 CHOICES = {
     "method": ("mdlm", "did", "ar"),
-    "data.source": ("bible", "text", "tfds", "arith", "hmm"),
+    "data.source": ("bible", "text", "tfds", "arith", "hmm", "sft"),
     "data.packing": ("pack", "pad"),
     "model.dtype": ("float32", "bfloat16"),
     "model.attention": ("xla", "pallas", "auto"),
@@ -134,6 +134,11 @@ def validate(config: ml_collections.ConfigDict, *, num_data_parallel: int | None
           f"{tr.global_batch_size} is not divisible by the {process_count} processes.")
   if d.source == "text":
     require(bool(d.path), "data.path", "is empty; data.source='text' needs a file or folder.")
+    require(os.path.exists(d.path), "data.path", f"{d.path!r} does not exist.")
+  if d.source == "sft":
+    require(d.path.endswith((".npz", ".jsonl")), "data.path",
+            f"{d.path!r}; data.source='sft' reads a prompt/response .jsonl or a scored .npz "
+            "(python -m dlm_jax.score_difficulty).")
     require(os.path.exists(d.path), "data.path", f"{d.path!r} does not exist.")
   if d.source == "tfds":
     require(bool(d.tfds_name), "data.tfds_name", "is empty; data.source='tfds' needs a dataset name.")

@@ -69,8 +69,10 @@ def make_tokenizer(config: ml_collections.ConfigDict):
             else task_pipeline.hmm_tokenizer())
   if d.tokenizer != "bpe":
     return tokenizers.get_tokenizer(d.tokenizer)
-  train_texts = None  # the embedded corpus is the default training text of the BPE
-  if d.source != "bible":
+  # The embedded corpus is the default training text of the BPE (also for 'sft', so a model
+  # pretrained on the embedded default fine-tunes with its own tokenizer).
+  train_texts = None
+  if d.source not in ("bible", "sft"):
     src = make_source(config, d.train_split)
     train_texts = [src[i] for i in range(min(len(src), 200_000))]
   return tokenizers.get_tokenizer("bpe", vocab_size=d.vocab_size, train_texts=train_texts)
@@ -96,6 +98,9 @@ def make_train_iterator(config: ml_collections.ConfigDict, tokenizer: Any):
   if d.source in ("arith", "hmm"):
     from dlm_jax.data import task_pipeline  # pylint: disable=g-import-not-at-top
     return task_pipeline.make_task_iterator(config, tokenizer, split="train")
+  if d.source == "sft":
+    from dlm_jax.data import task_pipeline  # pylint: disable=g-import-not-at-top
+    return task_pipeline.make_sft_iterator(config, tokenizer, split="train")
   return pipeline.make_lm_iterator(
       make_source(config, d.train_split), tokenizer, seq_len=d.seq_len,
       global_batch_size=config.train.global_batch_size, process_index=jax.process_index(),
@@ -112,6 +117,9 @@ def make_eval_iterator(config: ml_collections.ConfigDict, tokenizer: Any,
     from dlm_jax.data import task_pipeline  # pylint: disable=g-import-not-at-top
     return task_pipeline.make_task_iterator(config, tokenizer, split="validation",
                                             batch_size=bs)
+  if d.source == "sft":
+    from dlm_jax.data import task_pipeline  # pylint: disable=g-import-not-at-top
+    return task_pipeline.make_sft_iterator(config, tokenizer, split="validation", batch_size=bs)
   return pipeline.make_eval_iterator(
       make_source(config, d.eval_split), tokenizer, seq_len=d.seq_len, global_batch_size=bs,
       process_index=jax.process_index(), process_count=jax.process_count(), packing=d.packing)

@@ -186,6 +186,71 @@ def sft_training_arrays(data: dict[str, np.ndarray], masking: str, num_buckets: 
   return out
 
 
+def _epoch_iterator(data: dict[str, np.ndarray], bs: int, seed: int, shuffle: bool,
+                    num_batches: int | None) -> TaskIterator:
+  """Seeded epochs over an SFT set's examples (fixed order when not `shuffle`)."""
+  n = len(data["prompt"])
+  if n < bs:
+    raise config_lib.ConfigError(f"config.data.path has {n} examples, fewer than "
+                                 f"config.train.global_batch_size={bs}.")
+  per_epoch = n // bs
+
+  def make(i):
+    epoch, j = divmod(i, per_epoch)
+    perm = (np.random.default_rng(_seed_of(seed, "sft", epoch)).permutation(n) if shuffle
+            else np.arange(n))
+    idx = perm[j * bs:(j + 1) * bs]
+    return _arith_rows({k: v[idx] for k, v in data.items()}, 0)
+  return TaskIterator(make, bs, num_batches)
+
+
+def make_sft_iterator(config, tokenizer, split: str = "train", batch_size: int | None = None):
+  """Supervised fine-tuning on prompt/response pairs of any tokenizer (`data.source='sft'`).
+
+  `config.data.path` is either a scored set (.npz of `python -m dlm_jax.score_difficulty`, which
+  every masking scheme can read) or the user's prompt/response JSONL (random masking only: TRIMS
+  needs the teacher's scores). Rows are [BOS prompt, PAD..][response, EOS..]; only response
+  slots are maskable, prompt tokens never are. Evaluation reads the first
+  `train.eval_batches` batches of the same set in file order (an SFT set has no split of its own).
+  """
+  from dlm_jax import score_difficulty  # pylint: disable=g-import-not-at-top
+  from dlm_jax.diffusion import trims  # pylint: disable=g-import-not-at-top
+  d = config.data
+  bs = batch_size or config.train.global_batch_size
+  evaluating = split != "train"
+  path = d.path
+  if path.endswith(".jsonl"):
+    if trims.masking_for(config.diffusion.masking).bucket_order is not None:
+      raise config_lib.ConfigError(
+          f"config.diffusion.masking={config.diffusion.masking!r} needs teacher difficulty buckets; "
+          f"score {path} first (`python -m dlm_jax.score_difficulty --data={path} ...`) and set "
+          "config.data.path to the .npz it writes.")
+    try:
+      sft = score_difficulty.jsonl_set(path, tokenizer, d.seq_len, "config.data.seq_len")
+    except score_difficulty.ScoringError as e:
+      raise config_lib.ConfigError(str(e)) from None
+    data = dict(prompt=sft.prompt, response=sft.response, example_id=sft.example_id)
+  else:
+    raw = load_sft_set(path)
+    if "meta" in raw:
+      import json  # pylint: disable=g-import-not-at-top
+      stored = json.loads(str(raw["meta"])).get("teacher_tokenizer")
+      mine = score_difficulty.tokenizer_id(tokenizer)
+      if stored and stored != mine:
+        raise config_lib.ConfigError(
+            f"config.data.path={path!r} was scored with the tokenizer {stored}, but "
+            f"config.data.tokenizer gives {mine}; use the tokenizer the set was prepared with.")
+    data = sft_training_arrays(raw, config.diffusion.masking, config.diffusion.trims_buckets,
+                               path)
+    width = data["prompt"].shape[1] + data["response"].shape[1]
+    if width > d.seq_len:
+      raise config_lib.ConfigError(
+          f"config.data.seq_len={d.seq_len} is shorter than the rows of {path} (prompt "
+          f"{data['prompt'].shape[1]} + response {data['response'].shape[1]} = {width}).")
+  return _epoch_iterator(data, bs, config.seed, shuffle=not evaluating,
+                         num_batches=config.train.eval_batches if evaluating else None)
+
+
 def make_task_iterator(config, tokenizer, split: str = "train", batch_size: int | None = None):
   """Iterator over ARITH-CHAIN or HMM-16 batches for `config.data.source` in {arith, hmm}."""
   del tokenizer
@@ -203,18 +268,7 @@ def make_task_iterator(config, tokenizer, split: str = "train", batch_size: int 
     if d.path and not evaluating:
       data = sft_training_arrays(load_sft_set(d.path), config.diffusion.masking,
                                  config.diffusion.trims_buckets, d.path)
-      n = len(data["prompt"])
-      if n < bs:
-        raise config_lib.ConfigError(f"config.data.path has {n} examples, fewer than "
-                                     f"config.train.global_batch_size={bs}.")
-      per_epoch = n // bs
-
-      def make(i):
-        epoch, j = divmod(i, per_epoch)
-        perm = np.random.default_rng(_seed_of(seed, "sft", epoch)).permutation(n)
-        idx = perm[j * bs:(j + 1) * bs]
-        return _arith_rows({k: v[idx] for k, v in data.items()}, 0)
-      return TaskIterator(make, bs, num_batches)
+      return _epoch_iterator(data, bs, seed, shuffle=True, num_batches=num_batches)
 
     def make(i):
       ex = task.generate(_seed_of(seed, split, i), bs)
