@@ -22,6 +22,7 @@ from dlm_jax import trainer
 from dlm_jax.data import task_pipeline
 from dlm_jax.data import tasks
 from dlm_jax.data import tokenizers
+from tests.tiny import apply_overrides
 
 MASKINGS = ("random", "trims", "trims_easy_first", "random_buckets")
 P, R = 10, 25
@@ -38,13 +39,7 @@ def _shrink(c, **overrides):
   c.train.print_batch = False
   c.data.prefetch = 0
   c.optim.warmup_steps = 1
-  for dotted, value in overrides.items():
-    node = c
-    parts = dotted.split("__")
-    for p in parts[:-1]:
-      node = node[p]
-    node[parts[-1]] = value
-  return c
+  return apply_overrides(c, **overrides)
 
 
 @pytest.fixture(scope="module")

@@ -37,6 +37,11 @@ def tiny_config(**overrides) -> ml_collections.ConfigDict:
   c.optim.warmup_steps = 2
   c.sample.num_steps = 8
   c.sample.block_len = 8
+  return apply_overrides(c, **overrides)
+
+
+def apply_overrides(c: ml_collections.ConfigDict, **overrides) -> ml_collections.ConfigDict:
+  """Sets fields named with `__` for dots (train__num_steps=4 -> c.train.num_steps = 4)."""
   for dotted, value in overrides.items():
     node = c
     parts = dotted.split("__")
