@@ -55,6 +55,9 @@ def test_pack_survivors_layout_and_overflow():
   np.testing.assert_array_equal(out["segment_ids"][0], [1, 1, 1, 2, 3, 3, 0, 0])
   np.testing.assert_array_equal(out["positions"][0], [0, 1, 2, 0, 0, 1, 0, 0])
   np.testing.assert_allclose(out["t"][0, :6], [0.3, 0.3, 0.3, 0.3, 0.7, 0.7])
+  # The per-source-row times the network reads give the same time on every real slot.
+  np.testing.assert_allclose(np.take_along_axis(np.asarray(out["t_rows"]), np.asarray(out["t_index"]),
+                                                axis=1)[0, :6], out["t"][0, :6])
   np.testing.assert_array_equal(out["x0"][0, :10], [-1, 10, 11, 12, -2, 13, -3, 14, 15, 0])
   np.testing.assert_array_equal(out["xt"][0, :6], [-1, 10, 12, -2, -3, 15])
   assert int(out["x0_len"][0]) == 9 and int(out["xt_len"][0]) == 6
@@ -79,6 +82,19 @@ def test_packed_loss_equals_sum_of_per_document_dise():
   model = m.corrupt(b, jax.random.key(3), m.train_layout)
   dise_slots, _ = m._gap_losses(params, model)  # pylint: disable=protected-access
   scores = np.asarray(m.scores(params, model))
+  # Time conditioning per source row (t_rows + t_index) equals feeding every slot its own time.
+  # (adaLN is zero-initialised: perturb every parameter so the time input matters.)
+  pp = jax.tree.map(lambda x: x + 0.05 * jnp.sin(jnp.arange(x.size, dtype=jnp.float32)).reshape(x.shape),
+                    params)
+  per_token = m.apply(pp, model["tokens"], model["positions"], model["segment_ids"], model["t"])
+  t_mid = m.apply(pp, model["tokens"], model["positions"], model["segment_ids"],
+                  jnp.full_like(model["t"], 0.5))
+  assert not np.allclose(np.asarray(per_token[0]), np.asarray(t_mid[0]), atol=1e-3)  # t matters
+  indexed = m.apply(pp, model["tokens"], model["positions"], model["segment_ids"],
+                    model["t_rows"], t_index=model["t_index"])
+  live = np.asarray(model["segment_ids"]) > 0
+  for a, c in zip(per_token, indexed):
+    np.testing.assert_allclose(np.asarray(a)[live], np.asarray(c)[live], rtol=1e-5, atol=1e-5)
   seg, x0, xt, tt = (np.asarray(model[k]) for k in ("segment_ids", "x0", "xt", "t"))
   length, v = cfg.data.seq_len, scores.shape[-1]
   docs = []

@@ -56,17 +56,19 @@ class Method:
 
   def apply(self, params: Any, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array,
             t: jax.Array | None, dropout_key: jax.Array | None = None,
-            features_only: bool = False):
+            features_only: bool = False, t_index: jax.Array | None = None):
     """Runs the network; returns (logits [B, L, V] float32, aux or None).
 
-    With `features_only`, the first output is the hidden state [B, L, d] before the head.
+    With `features_only`, the first output is the hidden state [B, L, d] before the head; with
+    `t_index` [B, L], `t` is [B, S] and token l is conditioned on t[b, t_index[b, l]].
     """
     deterministic = dropout_key is None or self.model_cfg.dropout == 0.0
     rngs = None if deterministic else {"dropout": dropout_key}
     if not self.model_cfg.time_conditioning:
       t = None
     return self.model.apply({"params": params}, tokens, positions, segment_ids, t,
-                            deterministic, features_only, rngs=rngs)
+                            deterministic, features_only, t_index,
+                            rngs=rngs)
 
   def logits_fn(self, params: Any):
     """Closure tokens [B, L] -> logits [B, L, V]: one unsegmented row per sample (samplers)."""

@@ -90,6 +90,8 @@ def pack_survivors(tokens: Array, segment_ids: Array, keep: Array, t: Array, spe
     dict with, for G = B / K model rows:
       tokens, segment_ids, positions: int32 [G, Lm] model input ([BOS] + x_t per segment, PAD elsewhere);
       t: float32 [G, Lm] time of each slot's document (1 on padding);
+      t_rows: float32 [G, K] time of each source row; t_index: int32 [G, Lm] its source row (0 on
+        padding), so the network's time conditioning runs K times per model row, not Lm times;
       n_missing: float32 [G, Lm] n - m of each slot's document;
       x0 [G, N'], x0_len [G], xt [G, Lm], xt_len [G]: DP inputs with sentinels -j for segment j;
       n_tokens [G] content tokens scored, kept [G] survivors placed, overflow_tokens [G] survivors cut,
@@ -131,6 +133,8 @@ def pack_survivors(tokens: Array, segment_ids: Array, keep: Array, t: Array, spe
   m_tok = put((g, lm), pad_id, i32, [(xt_bos, jnp.full_like(tok, bos_id)), (xt_tok, tok)])
   m_seg = put((g, lm), 0, i32, [(xt_bos, mseg), (xt_tok, mseg)])
   m_t = put((g, lm), 1.0, jnp.float32, [(xt_bos, tt), (xt_tok, tt)])
+  src = jnp.broadcast_to((jnp.arange(w, dtype=i32) // length)[None, :], (g, w))
+  m_src = put((g, lm), 0, i32, [(xt_bos, src), (xt_tok, src)])  # which of the k source rows
   is_bos = put((g, lm), False, bool, [(xt_bos, jnp.ones_like(start))])
   idx = jnp.arange(lm, dtype=i32)[None, :]
   first = jax.lax.cummax(jnp.where(is_bos, idx, 0), axis=1)
@@ -148,6 +152,7 @@ def pack_survivors(tokens: Array, segment_ids: Array, keep: Array, t: Array, spe
   count = lambda x: jnp.sum(x, axis=1).astype(i32)  # noqa: E731
   n_bos = count(inc & start)
   return dict(tokens=m_tok, segment_ids=m_seg, positions=m_pos, t=m_t, n_missing=n_missing,
+              t_rows=t.astype(jnp.float32).reshape(g, k), t_index=m_src,
               x0=x0, x0_len=n_bos + count(inc & content), xt=xt, xt_len=n_bos + count(inc & kept),
               n_tokens=count(inc & content), kept=count(inc & kept),
               overflow_tokens=count(kept & ~inc), overflow_content=count(content & ~inc))
@@ -206,8 +211,9 @@ class DID(Method):
 
   def scores(self, params: Any, model: dict[str, Array], dropout_key: Array | None = None) -> Array:
     """Insertion log-scores [G, Lm, V] of model rows (row r = gap after input token r)."""
+    # One time per source row, indexed per slot: the adaLN projections run k times per model row.
     logits, aux = self.apply(params, model["tokens"], model["positions"], model["segment_ids"],
-                             model["t"], dropout_key)
+                             model["t_rows"], dropout_key, t_index=model["t_index"])
     row = aux[..., 0]
     if self.variant == "variable":
       return did_lib.count_softmax_head(logits, row, float(self.config.diffusion.did_max_log_count),

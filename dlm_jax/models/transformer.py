@@ -126,18 +126,25 @@ class LayerNorm(nn.Module):
     return y.astype(x.dtype)
 
 
+def _per_token(mod: jax.Array, index: jax.Array | None) -> jax.Array:
+  """Modulation [B, F] (per row), [B, L, F] (per token) or [B, S, F] + index [B, L] -> [B, 1|L, F]."""
+  if index is not None:
+    return jnp.take_along_axis(mod, index[:, :, None].astype(jnp.int32), axis=1)
+  return mod[:, None, :] if mod.ndim == 2 else mod
+
+
 class Block(nn.Module):
   """Attention + MLP block, pre-LN, with adaLN-zero modulation when `cond` is given."""
   cfg: TransformerConfig
 
   @nn.compact
-  def __call__(self, x, cond, positions, segment_ids, deterministic: bool):
+  def __call__(self, x, cond, positions, segment_ids, deterministic: bool, cond_index=None):
     cfg = self.cfg
     dtype = DTYPES[cfg.dtype]
     h, hd = cfg.num_heads, cfg.head_dim
     if cond is not None:
       mod = dense(6 * cfg.d_model, ("cond", "embed"), "adaln", jnp.float32, zero=True)(cond)
-      mod = (mod[:, None, :] if mod.ndim == 2 else mod).astype(dtype)  # per example or per token
+      mod = _per_token(mod, cond_index).astype(dtype)
       shift1, scale1, gate1, shift2, scale2, gate2 = jnp.split(mod, 6, axis=-1)
     else:
       shift1 = shift2 = 0.0
@@ -176,8 +183,10 @@ class Transformer(nn.Module):
   __call__(tokens [B, L] int32, positions [B, L] int32, segment_ids [B, L] int32,
            t [B] float32 | None, deterministic) -> (logits [B, L, V] float32, aux [B, L, A] | None)
 
-  `t` is used only when `cfg.time_conditioning`: [B] (one time per row) or [B, L] (one per token, e.g. DID
-  rows that pack documents noised at different times); `aux` only when `cfg.aux_outputs > 0`.
+  `t` is used only when `cfg.time_conditioning`: [B] (one time per row), [B, L] (one per token), or
+  [B, S] with `t_index` [B, L] naming the entry of each token (DID rows that pack S documents noised
+  at different times: the time MLP and every adaLN projection then run S times per row instead of
+  L times, which is most of their cost); `aux` only when `cfg.aux_outputs > 0`.
   With `features_only` the head is skipped and the first output is the final normalised hidden
   state [B, L, d] (for a loss that fuses the head, see `output_head.masked_head_nll`).
   """
@@ -185,7 +194,7 @@ class Transformer(nn.Module):
 
   @nn.compact
   def __call__(self, tokens, positions=None, segment_ids=None, t=None, deterministic=True,
-               features_only=False):
+               features_only=False, t_index=None):
     cfg = self.cfg
     dtype = DTYPES[cfg.dtype]
     b, length = tokens.shape
@@ -212,11 +221,11 @@ class Transformer(nn.Module):
     if cfg.remat:
       block = nn.remat(Block, static_argnums=(5,))
     for i in range(cfg.num_layers):
-      x = block(cfg, name=f"block_{i}")(x, cond, positions, segment_ids, deterministic)
+      x = block(cfg, name=f"block_{i}")(x, cond, positions, segment_ids, deterministic, t_index)
 
     if cond is not None:
       mod = dense(2 * cfg.d_model, ("cond", "embed"), "final_adaln", jnp.float32, zero=True)(cond)
-      shift, scale = jnp.split((mod[:, None, :] if mod.ndim == 2 else mod).astype(dtype), 2, axis=-1)
+      shift, scale = jnp.split(_per_token(mod, t_index).astype(dtype), 2, axis=-1)
       y = LayerNorm(use_scale=False, name="ln_final")(x) * (1 + scale) + shift
     else:
       y = LayerNorm(name="ln_final")(x)
