@@ -121,8 +121,11 @@ def write_outputs(results: dict, out_dir: str) -> None:
   with open(os.path.join(out_dir, "did_toy.json"), "w", encoding="utf-8") as f:
     json.dump(results, f, indent=2)
   tab = results["table"]
+  c = _config("mdlm_tiny", 1)
   lines = [f"Toy DID vs MDLM on the embedded Bible corpus: {results['train_steps']} training steps each "
-           f"(batch 32, L = 128, 4 x 128 transformer, 4k BPE), judge = AR model trained the same way. "
+           f"(batch {c.train.global_batch_size}, L = {c.data.seq_len}, {c.model.num_layers} x "
+           f"{c.model.d_model} transformer, {c.data.vocab_size}-id BPE), judge = AR model trained the "
+           "same way. "
            f"gen-PPL mean +- std over {len(results['seeds'])} sampling seeds x {results['num_samples']} "
            "samples; entropy = mean per-sample unigram entropy (nats); length = generated tokens; "
            f"{results.get('params', 'raw')} parameters.", "",
