@@ -3,9 +3,8 @@ block-wise threshold decoding."""
 
 from __future__ import annotations
 
-from typing import Any
-
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
