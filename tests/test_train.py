@@ -39,12 +39,18 @@ def _loss_and_grads(exp, batch_np):
 
   grad_fn = jax.jit(jax.value_and_grad(f, has_aux=True),
                     out_shardings=(parallel.replicated(exp.mesh), parallel.replicated(exp.mesh)))
-  (loss, _), grads = parallel.in_sharding_context(grad_fn, exp.mesh)(state.params, batch)
+  (loss, aux), grads = parallel.in_sharding_context(grad_fn, exp.mesh)(state.params, batch)
+  if "dense_head" in aux:  # the masked-only head ran (not its dense fallback)
+    assert float(aux["dense_head"]) == 0.0
   return float(loss), jax.device_get(grads)
 
 
-@pytest.mark.parametrize("shape", [(2, 4, 1), (4, 1, 2)])
-def test_loss_and_grads_same_on_1_and_8_devices(shape):
+# budget 160 < B L = 256 forces the masked-only fused output head (models/output_head.py).
+@pytest.mark.parametrize("shape,budget", [((2, 4, 1), None), ((4, 1, 2), None), ((2, 2, 2), 160)])
+def test_loss_and_grads_same_on_1_and_8_devices(shape, budget, monkeypatch):
+  if budget is not None:
+    from dlm_jax.methods import mdlm as mdlm_method  # pylint: disable=g-import-not-at-top
+    monkeypatch.setattr(mdlm_method, "head_budget", lambda *_: budget)
   cfg = tiny_config()
   exp1 = exp_lib.Experiment.create(cfg, mesh=_mesh(1, 1, 1))
   exp8 = exp_lib.Experiment.create(cfg, mesh=_mesh(8, *shape), tokenizer=exp1.tokenizer)
