@@ -608,6 +608,13 @@ def make_plots(res: dict, out: str) -> list[str]:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   paths = []
+
+  def save(fig, name):
+    paths.append(os.path.join(out, name))
+    fig.tight_layout()
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+
   if "arith" in res:
     fig, ax = plt.subplots(figsize=(6, 4))
     for r in res["arith"]["table"]:
@@ -621,11 +628,7 @@ def make_plots(res: dict, out: str) -> list[str]:
     ax.set_ylabel("exact-match accuracy (%)")
     ax.set_title("ARITH-CHAIN: accuracy vs forwards")
     ax.legend(fontsize=7)
-    p = os.path.join(out, "decoding_arith.png")
-    fig.tight_layout()
-    fig.savefig(p, dpi=120)
-    plt.close(fig)
-    paths.append(p)
+    save(fig, "decoding_arith.png")
   if "hmm" in res:
     hm = res["hmm"]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
@@ -652,11 +655,7 @@ def make_plots(res: dict, out: str) -> list[str]:
     ax.set_ylabel("nats")
     ax.set_title("Step importance")
     ax.legend(fontsize=7)
-    p = os.path.join(out, "decoding_hmm.png")
-    fig.tight_layout()
-    fig.savefig(p, dpi=120)
-    plt.close(fig)
-    paths.append(p)
+    save(fig, "decoding_hmm.png")
   if "text" in res:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     ax = axes[0]
@@ -675,11 +674,7 @@ def make_plots(res: dict, out: str) -> list[str]:
     ax.set_ylabel("gen-PPL (AR judge)")
     ax.set_title("Tiny text: decoders (prefix prompts)")
     ax.legend(fontsize=7)
-    p = os.path.join(out, "decoding_text.png")
-    fig.tight_layout()
-    fig.savefig(p, dpi=120)
-    plt.close(fig)
-    paths.append(p)
+    save(fig, "decoding_text.png")
   return paths
 
 

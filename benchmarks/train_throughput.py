@@ -151,9 +151,11 @@ def main():
         line += (f" | pytorch {t['step_ms']:8.1f} ms/step {t['tokens_per_sec']:9,.0f} tok/s "
                  f"(torch {t['version']}, {t['threads']} threads) | ratio {ratios[-1]:.2f}x")
       print(line)
-    j = min(js, key=lambda x: abs(x["step_ms"] - statistics.median(y["step_ms"] for y in js)))
-    t = (min(ts, key=lambda x: abs(x["step_ms"] - statistics.median(y["step_ms"] for y in ts)))
-         if ts else None)
+    def median_run(runs):  # the round whose step time is the median (what the table shows)
+      mid = statistics.median(r["step_ms"] for r in runs)
+      return min(runs, key=lambda r: abs(r["step_ms"] - mid))
+    j = median_run(js)
+    t = median_run(ts) if ts else None
     ratio = statistics.median(ratios) if ratios else None
     if ratio is not None:
       print(f"  median ratio dlm-jax / pytorch throughput = {ratio:.2f}x "

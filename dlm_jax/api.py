@@ -25,6 +25,7 @@ from dlm_jax import checkpoint as ckpt_lib
 from dlm_jax import experiment as exp_lib
 from dlm_jax import parallel
 from dlm_jax.config_lib import ConfigError
+from dlm_jax.sampling import common
 
 
 def _mesh_over(devices: Sequence[jax.Device]) -> jax.sharding.Mesh:
@@ -142,31 +143,16 @@ def _eval_sums_jit(run: LoadedRun):
 def sample_batches(run: LoadedRun, s: ml_collections.ConfigDict, seed: int = 0,
                    prompt_text: str | None = None) -> dict[str, Any]:
   """Runs the method's sampler over ceil(num_samples / batch_size) batches."""
-  import time  # pylint: disable=g-import-not-at-top
   tok = run.tokenizer
   prompt = None
   if prompt_text or s.prompt:
     ids = [tok.bos_id] + list(tok.encode(prompt_text or s.prompt))
     prompt = np.tile(np.asarray(ids, np.int32)[None], (s.batch_size, 1))
-  outs, wall = [], 0.0
-  n_batches = -(-s.num_samples // s.batch_size)
-  for i in range(n_batches):
-    key = jax.random.fold_in(jax.random.key(seed), i)
-    t0 = time.perf_counter()
-    with parallel.sharding_context(run.mesh):
-      out = run.method.sample(run.params, key, s, prompt=prompt)
-    out = jax.device_get(out)
-    wall += time.perf_counter() - t0
-    outs.append(out)
-  merged: dict[str, Any] = {}
-  for k in outs[0]:
-    if isinstance(outs[0][k], np.ndarray) and outs[0][k].ndim >= 1:
-      merged[k] = np.concatenate([o[k] for o in outs])[:s.num_samples]
-    else:
-      merged[k] = outs[0][k]
+  merged = common.sample_in_batches(
+      lambda key: run.method.sample(run.params, key, s, prompt=prompt), s.num_samples,
+      s.batch_size, seed, run.mesh)
   merged["texts"] = run.method.decode_samples(merged, tok) if hasattr(
       run.method, "decode_samples") else [tok.decode(list(r)) for r in merged["tokens"]]
-  merged["wall_sec"] = wall
   return merged
 
 

@@ -12,7 +12,8 @@ samplers under `with jax.enable_x64(True):` for any reported generation metric.
 from __future__ import annotations
 
 import math
-from typing import Tuple
+import time
+from typing import Any, Callable, Tuple
 
 import flax.struct
 import jax
@@ -120,3 +121,30 @@ def wilson_interval(k: int, n: int, z: float = 1.959963984540054) -> Tuple[float
   centre = (p + z2 / (2 * n)) / denom
   half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / denom
   return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def sample_in_batches(sample_one: Callable[[jax.Array], dict[str, Any]], num_samples: int,
+                      batch_size: int, seed: int, mesh: Any) -> dict[str, Any]:
+  """Runs `sample_one(key)` over ceil(num_samples / batch_size) batches and merges them on host.
+
+  Batch i uses key fold_in(key(seed), i), so samplers driven through this share their draws.
+  Per-sample arrays are concatenated and cut to num_samples; anything else is taken from the
+  first batch. Adds wall_sec (sampling and transfer time, compilation included).
+  """
+  from dlm_jax import parallel  # pylint: disable=g-import-not-at-top
+  outs, wall = [], 0.0
+  for i in range(-(-int(num_samples) // int(batch_size))):
+    key = jax.random.fold_in(jax.random.key(seed), i)
+    t0 = time.perf_counter()
+    with parallel.sharding_context(mesh):
+      out = jax.device_get(sample_one(key))
+    wall += time.perf_counter() - t0
+    outs.append(out)
+  merged: dict[str, Any] = {}
+  for k in outs[0]:
+    if isinstance(outs[0][k], np.ndarray) and outs[0][k].ndim >= 1:
+      merged[k] = np.concatenate([o[k] for o in outs])[:int(num_samples)]
+    else:
+      merged[k] = outs[0][k]
+  merged["wall_sec"] = wall
+  return merged

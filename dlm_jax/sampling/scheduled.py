@@ -16,7 +16,6 @@ No flags or files here: `dlm_jax/sample.py` is the command-line front end.
 
 from __future__ import annotations
 
-import time
 from typing import Any, Mapping, Optional, Union
 
 import jax
@@ -25,6 +24,7 @@ import ml_collections
 import numpy as np
 
 from dlm_jax.sampling import ancestral
+from dlm_jax.sampling import common
 from dlm_jax.sampling import model_schedule as ms
 
 
@@ -285,24 +285,8 @@ def sample_batches(heavy_run: Any, light_run: Any, sample_cfg: ml_collections.Co
   Returns:
     dict(tokens [N, P+G], nfe, nfe_heavy, nfe_light [N], prompt_len, gen_len, wall_sec).
   """
-  from dlm_jax import parallel  # pylint: disable=g-import-not-at-top
   sampler = sampler or ScheduledSampler(heavy_run.method, light_run.method)
-  n_batches = -(-int(sample_cfg.num_samples) // int(sample_cfg.batch_size))
-  outs, wall = [], 0.0
-  for i in range(n_batches):
-    key = jax.random.fold_in(jax.random.key(seed), i)
-    t0 = time.perf_counter()
-    with parallel.sharding_context(heavy_run.mesh):
-      out = sampler.sample(heavy_run.params, light_run.params, key, sample_cfg, schedule,
-                           prompt=prompt_ids)
-    out = jax.device_get(out)
-    wall += time.perf_counter() - t0
-    outs.append(out)
-  merged: dict[str, Any] = {}
-  for k in outs[0]:
-    if isinstance(outs[0][k], np.ndarray) and outs[0][k].ndim >= 1:
-      merged[k] = np.concatenate([o[k] for o in outs])[:int(sample_cfg.num_samples)]
-    else:
-      merged[k] = outs[0][k]
-  merged["wall_sec"] = wall
-  return merged
+  return common.sample_in_batches(
+      lambda key: sampler.sample(heavy_run.params, light_run.params, key, sample_cfg, schedule,
+                                 prompt=prompt_ids),
+      sample_cfg.num_samples, sample_cfg.batch_size, seed, heavy_run.mesh)
