@@ -39,6 +39,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.cond_dim = 128
   c.model.remat = False
   c.model.rope_theta = 10000.0
+  c.model.position_embedding = "rope"  # rope | learned (absolute positions, as in spec/trims.md's toy)
   c.model.tie_embeddings = False
 
   c.diffusion = ml_collections.ConfigDict()

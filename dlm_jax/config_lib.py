@@ -17,6 +17,7 @@ CHOICES = {
     "data.packing": ("pack", "pad"),
     "model.dtype": ("float32", "bfloat16"),
     "model.attention": ("xla", "pallas", "auto"),
+    "model.position_embedding": ("rope", "learned"),
     "diffusion.schedule": ("loglinear", "cosine"),
     "diffusion.time_sampling": ("stratified", "vdm", "iid", "example"),
     "diffusion.normalize": ("token", "sequence", "sum"),

@@ -57,6 +57,23 @@ def test_bidirectional_model_sees_the_future_and_causal_does_not():
     assert changed == (not causal)
 
 
+@pytest.mark.parametrize("pos", ["rope", "learned"])
+def test_the_model_knows_where_each_token_is(pos):
+  """A bidirectional model without positions would be permutation-equivariant; with RoPE or a
+  learned table, swapping two tokens changes more than the swapped rows."""
+  cfg = TransformerConfig(vocab_size=11, num_layers=1, d_model=16, num_heads=2, max_len=8,
+                          position_embedding=pos)
+  m = Transformer(cfg)
+  toks = jnp.array([[1, 2, 3, 4, 5, 6, 7, 8]])
+  params = m.init(jax.random.key(0), toks)
+  assert ("pos_embed" in params["params"]) == (pos == "learned")
+  a, _ = m.apply(params, toks)
+  b, _ = m.apply(params, toks[:, ::-1])
+  assert not np.allclose(a[0], b[0, ::-1], atol=1e-4)
+  shifted, _ = m.apply(params, toks, positions=jnp.arange(8)[None] // 2)
+  assert not np.allclose(a, shifted, atol=1e-4)
+
+
 def test_params_carry_logical_axis_names():
   import flax.linen as nn
   cfg = TransformerConfig(vocab_size=11, num_layers=1, d_model=16, num_heads=2,

@@ -1,4 +1,4 @@
-"""The denoiser: a pre-LN transformer with RoPE and optional adaLN time conditioning.
+"""The denoiser: a pre-LN transformer with RoPE (or learned positions) and optional adaLN time conditioning.
 
 One module serves every method. With `causal=False` it is MDLM's / DID's bidirectional
 denoiser (DiT-style: adaLN modulation from a time embedding when `time_conditioning`), with
@@ -40,6 +40,7 @@ class TransformerConfig:
   cond_dim: int = 128
   aux_outputs: int = 0
   rope_theta: float = 10000.0
+  position_embedding: str = "rope"  # rope | learned (absolute, [max_len, d], added to the input)
   remat: bool = False
   tie_embeddings: bool = False
 
@@ -154,8 +155,9 @@ class Block(nn.Module):
     y = LayerNorm(use_scale=cond is None, name="ln_attn")(x) * (1 + scale1) + shift1
     qkv = dense((3, h, hd), ("embed", "qkv", "heads", "kv"), "qkv", dtype, use_bias=False)(y)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-    q = rope(q, positions, cfg.rope_theta)
-    k = rope(k, positions, cfg.rope_theta)
+    if cfg.position_embedding == "rope":
+      q = rope(q, positions, cfg.rope_theta)
+      k = rope(k, positions, cfg.rope_theta)
     q = nn.with_logical_constraint(q, ("batch", "length", "heads", "kv"))
     k = nn.with_logical_constraint(k, ("batch", "length", "heads", "kv"))
     v = nn.with_logical_constraint(v, ("batch", "length", "heads", "kv"))
@@ -206,6 +208,12 @@ class Transformer(nn.Module):
                      embedding_init=nn.with_logical_partitioning(
                          nn.initializers.normal(1.0), ("vocab", "embed")), name="embed")
     x = embed(tokens)
+    if cfg.position_embedding == "learned":
+      table = self.param("pos_embed", nn.with_logical_partitioning(
+          nn.initializers.normal(0.02), ("length", "embed")), (cfg.max_len, cfg.d_model), jnp.float32)
+      x = x + jnp.take(table, positions, axis=0).astype(dtype)
+    elif cfg.position_embedding != "rope":
+      raise ValueError(f"model.position_embedding={cfg.position_embedding!r}; use 'rope' or 'learned'.")
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
 
     cond = None
