@@ -31,6 +31,9 @@ NORMALIZATIONS = ("token", "batch", "sum")
 # ---------------------------------------------------------------------------------------------------------------------
 # Schedule and forward (deletion) process.
 # ---------------------------------------------------------------------------------------------------------------------
+def _int32(*arrays) -> tuple[Array, ...]:
+  """The token and length inputs of every public function, as int32 arrays."""
+  return tuple(jnp.asarray(a, jnp.int32) for a in arrays)
 
 
 def survival(t: Array | float, eps: float = 0.0) -> Array:
@@ -69,9 +72,8 @@ def forward_delete(key: Array, x0: Array, x0_len: Array, t: Array | float, eps: 
     xt: int32 [B, N] kept tokens, left-aligned, padded with `pad_value`.
     xt_len: int32 [B] number of kept tokens m_b.
   """
-  x0 = jnp.asarray(x0, jnp.int32)
+  x0, x0_len = _int32(x0, x0_len)
   b, n = x0.shape
-  x0_len = jnp.asarray(x0_len, jnp.int32)
   if _is_single_key(key):
     u = jax.random.uniform(key, (b, n), jnp.float32)
   else:
@@ -101,10 +103,7 @@ def check_subsequence(x0: Array, x0_len: Array, xt: Array, xt_len: Array) -> Arr
   Returns:
     bool [B]: True where 0 <= m_b <= n_b <= N, m_b <= M and xt is a subsequence of x0.
   """
-  x0 = jnp.asarray(x0, jnp.int32)
-  xt = jnp.asarray(xt, jnp.int32)
-  x0_len = jnp.asarray(x0_len, jnp.int32)
-  xt_len = jnp.asarray(xt_len, jnp.int32)
+  x0, xt, x0_len, xt_len = _int32(x0, xt, x0_len, xt_len)
   b, n = x0.shape
   m = xt.shape[1]
 
@@ -187,10 +186,7 @@ def log_insertion_weights(x0: Array, x0_len: Array, xt: Array, xt_len: Array,
     logN: float32 [B], log N(xt, x0) from the prefix table (-inf if xt is not a subsequence).
     logW: float32 [B, N, M+1], -inf at k >= n_b, g > m_b and wherever W = 0. Gradients are stopped.
   """
-  x0 = jnp.asarray(x0, jnp.int32)
-  xt = jnp.asarray(xt, jnp.int32)
-  x0_len = jnp.asarray(x0_len, jnp.int32)
-  xt_len = jnp.asarray(xt_len, jnp.int32)
+  x0, xt, x0_len, xt_len = _int32(x0, xt, x0_len, xt_len)
   b, n = x0.shape
   m = xt.shape[1]
   xt_valid = jnp.arange(m)[None, :] < xt_len[:, None]  # [B, M]
@@ -246,10 +242,7 @@ def log_count_tables(x0: Array, x0_len: Array, xt: Array, xt_len: Array) -> tupl
     logP: float32 [B, N+1, M+1], logP[a, g] = log N(xt[:g], x0[:a]) (rows a > n_b repeat row n_b).
     logS: float32 [B, N+1, M+1], logS[a, g] = log N(xt[g:m], x0[a:n]) (rows a > n_b repeat row n_b).
   """
-  x0 = jnp.asarray(x0, jnp.int32)
-  xt = jnp.asarray(xt, jnp.int32)
-  x0_len = jnp.asarray(x0_len, jnp.int32)
-  xt_len = jnp.asarray(xt_len, jnp.int32)
+  x0, xt, x0_len, xt_len = _int32(x0, xt, x0_len, xt_len)
   b, n = x0.shape
   m = xt.shape[1]
   xt_valid = jnp.arange(m)[None, :] < xt_len[:, None]
@@ -303,8 +296,7 @@ def log_insertion_targets(x0: Array, x0_len: Array, xt: Array, xt_len: Array, vo
   Returns:
     float32 [B, M+1, V]: log rho, -inf where rho = 0 (ids absent from x0, gaps g > m_b).
   """
-  x0 = jnp.asarray(x0, jnp.int32)
-  x0_len = jnp.asarray(x0_len, jnp.int32)
+  x0, x0_len = _int32(x0, x0_len)
   _, logw = log_insertion_weights(x0, x0_len, xt, xt_len, renormalize)
   onehot = jax.nn.one_hot(_masked_ids(x0, x0_len), vocab_size, dtype=jnp.float32)  # [B, N, V]
   rho = jnp.einsum("bkg,bkv->bgv", jnp.exp(logw), onehot, precision=jax.lax.Precision.HIGHEST)
@@ -323,8 +315,7 @@ def compact_targets(x0: Array, x0_len: Array, logW: Array) -> tuple[Array, Array
     seg_token: int32 [B, N], token id of segment s (0 where invalid).
     seg_valid: bool [B, N], True for the first (number of distinct ids in x0[b, :n_b]) segments.
   """
-  x0 = jnp.asarray(x0, jnp.int32)
-  x0_len = jnp.asarray(x0_len, jnp.int32)
+  x0, x0_len = _int32(x0, x0_len)
   b, n = x0.shape
   valid = jnp.arange(n)[None, :] < x0_len[:, None]
   sort_key = jnp.where(valid, x0, jnp.iinfo(jnp.int32).max)
@@ -371,8 +362,7 @@ def gap_loss_terms(log_scores: Array, x0: Array, x0_len: Array, logW: Array, row
     rho: [B, R] sum_v rho (= sum_k W[k, r]); all float32 and 0 on invalid rows.
   """
   log_scores = jnp.asarray(log_scores, jnp.float32)
-  x0 = jnp.asarray(x0, jnp.int32)
-  x0_len = jnp.asarray(x0_len, jnp.int32)
+  x0, x0_len = _int32(x0, x0_len)
   b, r, v = log_scores.shape
   if logW.shape != (b, x0.shape[1], r):
     raise ValueError(f"logW has shape {logW.shape}; expected [B, N, R] = {(b, x0.shape[1], r)}.")
@@ -401,8 +391,7 @@ def gap_loss_terms(log_scores: Array, x0: Array, x0_len: Array, logW: Array, row
 def _loss_terms(log_scores: Array, x0: Array, x0_len: Array, xt: Array, xt_len: Array,
                 allowed_mask: Array | None) -> tuple[Array, Array, Array, Array]:
   """Per-sequence (sum s, sum rho out, sum rho log rho, sum rho), each float32 [B]; see `dise_loss`."""
-  x0 = jnp.asarray(x0, jnp.int32)
-  x0_len = jnp.asarray(x0_len, jnp.int32)
+  x0, x0_len = _int32(x0, x0_len)
   xt_len = jnp.asarray(xt_len, jnp.int32)
   r = log_scores.shape[1]
   m = xt.shape[1]
