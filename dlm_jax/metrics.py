@@ -89,13 +89,18 @@ class Progress:
     self._last_step = start_step
     self._last_time = time.perf_counter()
 
-  def rates(self, step: int) -> dict[str, float]:
+  def rates(self, step: int, tokens_per_step: float | None = None) -> dict[str, float]:
+    """Steps/s, tokens/s and ETA since the last call.
+
+    `tokens_per_step`: what the network processed per step when the method reports it (the
+    `model_tokens` metric, e.g. DID's packed rows); else batch x seq_len.
+    """
     now = time.perf_counter()
     dt = max(now - self._last_time, 1e-9)
     steps = max(step - self._last_step, 0)
     self._last_step, self._last_time = step, now
     sps = steps / dt
-    return dict(steps_per_sec=sps, tokens_per_sec=sps * self.tokens_per_step,
+    return dict(steps_per_sec=sps, tokens_per_sec=sps * (tokens_per_step or self.tokens_per_step),
                 eta_sec=(self.total - step) / sps if sps > 0 else float("nan"))
 
   def line(self, step: int, metrics: Mapping[str, float], rates: Mapping[str, float]) -> str:

@@ -334,7 +334,7 @@ def train(config, workdir: str, stop_after_steps: int | None = None,
         pending = []
         mean = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
         mean["nonfinite"] = float(np.sum([m["nonfinite"] for m in fetched]))
-        rates = progress.rates(step)
+        rates = progress.rates(step, mean.get("model_tokens"))
         mean.update(rates)
         writer.write_scalars(step, mean, prefix="train/")
         progress.log(step, mean, rates)
