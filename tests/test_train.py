@@ -157,3 +157,18 @@ def test_nan_skip_continues_without_applying(tmp_path, monkeypatch):
   _, params = _params(wd)
   for a, b in zip(jax.tree.leaves(init), jax.tree.leaves(params)):
     np.testing.assert_array_equal(a, b)
+
+
+def test_progress_counts_the_tokens_the_network_processed(monkeypatch):
+  """tok/s is batch x seq_len by default and the method's `model_tokens` when it reports one."""
+  import io  # pylint: disable=g-import-not-at-top
+  from dlm_jax import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
+  clock = iter([0.0, 2.0, 4.0])
+  monkeypatch.setattr(metrics_lib.time, "perf_counter", lambda: next(clock))
+  p = metrics_lib.Progress(total_steps=30, start_step=0, tokens_per_step=100, stream=io.StringIO(),
+                           enabled=True)
+  r = p.rates(10)  # 10 steps in 2 s
+  assert r["tokens_per_sec"] == pytest.approx(500.0) and r["eta_sec"] == pytest.approx(4.0)
+  r = p.rates(20, tokens_per_step=60.0)  # e.g. DID's packed rows
+  assert r["tokens_per_sec"] == pytest.approx(300.0)
+  assert "tok/s 300" in p.line(20, {"loss": 1.0}, r)
