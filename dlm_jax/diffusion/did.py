@@ -391,8 +391,7 @@ def gap_loss_terms(log_scores: Array, x0: Array, x0_len: Array, logW: Array, row
 def _loss_terms(log_scores: Array, x0: Array, x0_len: Array, xt: Array, xt_len: Array,
                 allowed_mask: Array | None) -> tuple[Array, Array, Array, Array]:
   """Per-sequence (sum s, sum rho out, sum rho log rho, sum rho), each float32 [B]; see `dise_loss`."""
-  x0, x0_len = _int32(x0, x0_len)
-  xt_len = jnp.asarray(xt_len, jnp.int32)
+  x0, x0_len, xt_len = _int32(x0, x0_len, xt_len)
   r = log_scores.shape[1]
   m = xt.shape[1]
   if r != m + 1:
