@@ -7,6 +7,9 @@ WORKDIR ?= workdirs/demo
 CONFIG ?= configs/did_tiny.py
 export XLA_PYTHON_CLIENT_PREALLOCATE ?= false
 export TF_CPP_MIN_LOG_LEVEL ?= 3
+# pytest-xdist workers; each test file stays on one worker (files share fixtures and cached
+# compilations). 2 matches CI's 2 cores: 15 min instead of 20 on a cold compilation cache.
+TEST_WORKERS ?= 2
 
 .PHONY: install demo test test-fast bench bench-torch did-toy trims-toy decoding clean
 
@@ -24,10 +27,10 @@ demo: install
 	$(PY) -m dlm_jax.sample --workdir=$(WORKDIR) --num_samples=4
 
 test: install
-	$(PY) -m pytest -q -ra tests
+	$(PY) -m pytest -q -ra -n $(TEST_WORKERS) --dist loadfile tests
 
 test-fast: install
-	$(PY) -m pytest -q -ra -m "not slow" tests
+	$(PY) -m pytest -q -ra -n $(TEST_WORKERS) --dist loadfile -m "not slow" tests
 
 bench: install
 	$(PY) benchmarks/train_throughput.py
