@@ -515,7 +515,7 @@ def write_markdown(res: dict, path: str) -> None:
     how = "reused" if v["reused"] else "trained %d steps in %.0fs" % (v["steps"], v["train_sec"])
     runs.append(f"{k} ({how})")
   L.append(f"Wall time (sum of the runs): {res['total_sec'] / 60:.1f} min on "
-           f"{res['env']['device']} ({res['env']['cpu_count']} cores, shared). Checkpoints: "
+           f"{res['env']['device']} ({res['env']['cpu_count']} cores). Checkpoints: "
            + ", ".join(runs) + ".")
   L.append("")
   if "arith" in res:
@@ -744,7 +744,8 @@ def main():
       res["env"] = part["env"]
       res["train_log"].update(part["train_log"])
       res["total_sec"] += part["total_sec"]
-      res["runs_merged"].append(dict(tag=tag, args=part["args"], total_sec=part["total_sec"]))
+      res["runs_merged"].extend(part.get("runs_merged") or [  # a merged file lists its runs
+          dict(tag=tag, args=part["args"], total_sec=part["total_sec"])])
       for k in ("arith", "hmm", "text"):
         if k in part:
           res[k] = part[k]
