@@ -219,7 +219,8 @@ def part_arith(args, log) -> dict:
     r["acc_change_points_vs_1tok"] = 100 * (r["accuracy"] - base["accuracy"])
   # Iso-accuracy comparison of all rules with the plain-threshold frontier (linear in accuracy).
   allr = by["0.9 + all R²"]
-  front = sorted((by[f"threshold {t}"] for t in ("0.9", "0.7", "0.5", "0.3", "0.2", "0.1")), key=lambda r: r["accuracy"])
+  front = sorted((r for r in table if r["decoder"].startswith("threshold ")),
+                 key=lambda r: r["accuracy"])
   accs = [r["accuracy"] for r in front]
   nfes = [r["mean_nfe"] for r in front]
   iso = float(np.interp(allr["accuracy"], accs, nfes)) if max(accs) > min(accs) else nfes[-1]

@@ -46,7 +46,8 @@ _PRE = flags.DEFINE_integer("pretrain_steps", 3000, "Student pretraining steps."
 _TEACH = flags.DEFINE_integer("teacher_steps", 400, "Teacher steps (early stop).")
 _SFT = flags.DEFINE_integer("sft_steps", 800, "SFT steps per arm and seed.")
 _NSFT = flags.DEFINE_integer("n_sft", 1000, "Examples in the scored SFT set (seed 11).")
-_NTEST = flags.DEFINE_integer("n_test", 1000, "Held-out prompts (seed 123; the spec pilot's 1,000, s.e. ~1 point).")
+_NTEST = flags.DEFINE_integer("n_test", 1000,
+                             "Held-out prompts (seed 123; the spec pilot's 1,000, s.e. ~1 point).")
 _TAUS = flags.DEFINE_list("taus", ["0.9", "0.7", "0.5", "0.3"], "Decode thresholds.")
 
 
