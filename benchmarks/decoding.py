@@ -49,14 +49,16 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from dlm_jax import api  # noqa: E402
+from dlm_jax.run import api  # noqa: E402
 from dlm_jax import parallel  # noqa: E402
-from dlm_jax.analysis import gen_ppl as gen_ppl_lib  # noqa: E402
-from dlm_jax.analysis import step_importance as si  # noqa: E402
-from dlm_jax.data import tasks  # noqa: E402
-from dlm_jax.sampling import model_schedule as ms  # noqa: E402
-from dlm_jax.sampling import scheduled  # noqa: E402
-from dlm_jax.sampling.common import wilson_interval  # noqa: E402
+from dlm_jax.evaluation import gen_ppl as gen_ppl_lib  # noqa: E402
+from dlm_jax import metrics as metrics_lib
+from dlm_jax.scheduling import step_importance as si  # noqa: E402
+from dlm_jax.data.tasks import arith as arith_task, hmm as hmm_task
+from dlm_jax.scheduling import schedule as ms
+from dlm_jax.scheduling import flops as flops_lib  # noqa: E402
+from dlm_jax.scheduling import sampler as scheduled
+from dlm_jax.metrics import wilson_interval  # noqa: E402
 
 RULES = ("threshold", "conf_cluster", "token_cluster", "temporal")
 
@@ -155,7 +157,7 @@ def _commit_counts(out) -> dict:
 
 
 def _flops_per_pass(run, seq_len: int, conv: str = "full") -> float:
-  return ms.model_forward_flops(scheduled.flops_model_config(run.config, run.tokenizer.vocab_size,
+  return flops_lib.model_forward_flops(flops_lib.flops_model_config(run.config, run.tokenizer.vocab_size,
                                                              seq_len), conv)
 
 
@@ -169,7 +171,7 @@ def part_arith(args, log) -> dict:
   else:
     wd = ensure_run(args.root, "arith", "configs/arith_pretrain.py", args.arith_steps, log)
   run = api.load(wd)
-  task = tasks.ArithChain()
+  task = arith_task.ArithChain()
   gen_len, block = 24, 8
   rows = {}
   fpp = _flops_per_pass(run, task.prompt_len + gen_len)
@@ -180,11 +182,11 @@ def part_arith(args, log) -> dict:
       out = run_decoder(run, prompts, gen_len, block, opts, jax.random.key(seed),
                         warm=seed == args.seeds[0])
       resp = np.asarray(out["tokens"])[:, task.prompt_len:]
-      full = np.concatenate([resp, np.full((resp.shape[0], 1), tasks.EOS, np.int32)], 1)
-      correct = tasks.exact_match(full, ex["answer"])
+      full = np.concatenate([resp, np.full((resp.shape[0], 1), arith_task.EOS, np.int32)], 1)
+      correct = arith_task.exact_match(full, ex["answer"])
       valid = task.valid_traces(prompts, full)
       nfe = np.asarray(out["nfe"], np.float64)
-      content = np.where((resp == tasks.EOS).any(1), (resp == tasks.EOS).argmax(1), gen_len)
+      content = np.where((resp == arith_task.EOS).any(1), (resp == arith_task.EOS).argmax(1), gen_len)
       rec = dict(n=len(nfe), correct=int(correct.sum()), valid=int(valid.sum()),
                  accuracy=float(correct.mean()), valid_rate=float(valid.mean()),
                  mean_nfe=float(nfe.mean()), tpf_gen=gen_len * len(nfe) / nfe.sum(),
@@ -261,21 +263,21 @@ def part_hmm(args, log) -> dict:
   heavy, light = api.load(wh), api.load(wl)
   scheduled.check_pair_configs(heavy.config, light.config)
   scheduled.check_pair_tokenizers(heavy.tokenizer, light.tokenizer)
-  hmm = tasks.HMM16()
+  hmm = hmm_task.HMM16()
   evaluator = hmm.smoothed(1e-3)
   num_seg, seg_len, t_steps, length = 8, 4, 32, 32
   n = args.hmm_samples
   # Samples must be plain symbols for the exact evaluator: BOS/PAD are never drawn.
   sampler = scheduled.ScheduledSampler(heavy.method, light.method,
-                                       suppress_ids=(tasks.HMM_BOS, tasks.HMM_PAD))
+                                       suppress_ids=(hmm_task.HMM_BOS, hmm_task.HMM_PAD))
   s = _sample_cfg(heavy, batch_size=n, num_samples=n, gen_len=length, t_final=0.0,
                   use_cache=False, decoder="ancestral", num_steps=t_steps)
-  fh_cfg = scheduled.flops_model_config(heavy.config, heavy.tokenizer.vocab_size, length + 1)
-  fl_cfg = scheduled.flops_model_config(light.config, light.tokenizer.vocab_size, length + 1)
+  fh_cfg = flops_lib.flops_model_config(heavy.config, heavy.tokenizer.vocab_size, length + 1)
+  fl_cfg = flops_lib.flops_model_config(light.config, light.tokenizer.vocab_size, length + 1)
   named = _hmm_schedules(num_seg, seg_len)
   placements = sorted(set(named.values()), key=lambda p: (len(p), p))
   per_seed: dict[tuple, list] = {p: [] for p in placements}
-  prompt = np.full((n, 1), tasks.HMM_BOS, np.int32)
+  prompt = np.full((n, 1), hmm_task.HMM_BOS, np.int32)
   for seed in args.seeds:
     uni = jax.random.uniform(jax.random.key(1000 + seed), (t_steps, n, length + 1),
                              jnp.float64)
@@ -297,7 +299,7 @@ def part_hmm(args, log) -> dict:
           f"{per_seed[tuple(range(num_seg))][-1]['gen_nll']:.4f}", flush=True)
   # Step importance (held-out data and heavy trajectories).
   x0 = hmm.sample([0x5E1D, 0], args.hmm_curve_seqs, length)
-  x0 = np.concatenate([np.full((len(x0), 1), tasks.HMM_BOS), x0], 1).astype(np.int32)
+  x0 = np.concatenate([np.full((len(x0), 1), hmm_task.HMM_BOS), x0], 1).astype(np.int32)
   maskable = np.ones_like(x0, bool)
   maskable[:, 0] = False
   t_grid = np.round(np.arange(0.05, 0.951, 0.05), 2)
@@ -315,7 +317,7 @@ def part_hmm(args, log) -> dict:
     recs = per_seed[p]
     deltas = [r["gen_nll"] - h["gen_nll"] for r, h in zip(recs, all_h)]
     paired = np.concatenate([r["nll_per_sample"] - h["nll_per_sample"] for r, h in zip(recs, all_h)])
-    flops = scheduled.flops_report(sched, fh_cfg, fl_cfg,
+    flops = flops_lib.flops_report(sched, fh_cfg, fl_cfg,
                                    np.array([r["nfe_heavy"] for r in recs]),
                                    np.array([r["nfe_light"] for r in recs]),
                                    nfe_all_heavy=np.array([h["nfe_heavy"] for h in all_h]))
@@ -348,7 +350,7 @@ def part_hmm(args, log) -> dict:
     best = min(pairs, key=lambda r: r[key])
     pred_best[key] = dict(placement=best["light_segments"],
                           measured_rank=rank_of[tuple(best["light_segments"])],
-                          spearman=si.rank_correlation(measured, [r[key] for r in pairs]))
+                          spearman=metrics_lib.spearman(measured, [r[key] for r in pairs]))
   gap = by_p[tuple(range(num_seg))]["delta_vs_all_h"]
   claims = dict(
       spearman_delta_ce_ge_0_5=pred_best["pred_delta_ce"]["spearman"] >= 0.5,
@@ -384,7 +386,7 @@ TEXT_SCHEDULES = (("all-H", "H64"), ("all-L", "L64"), ("sandwich 25%", "L8,H48,L
 
 
 def _verse_prompts(tok, seed: int, n: int, plen: int) -> np.ndarray:
-  from dlm_jax.data import sources  # pylint: disable=g-import-not-at-top
+  from dlm_jax.data import corpora as sources  # pylint: disable=g-import-not-at-top
   src = sources.BibleSource("validation")
   verses = [ln for i in range(len(src)) for ln in src[i].split("\n")[1:] if len(ln) > 40]
   rng = np.random.default_rng([0x7E47, seed])
@@ -409,8 +411,8 @@ def part_text(args, log) -> dict:
   sampler = scheduled.ScheduledSampler(heavy.method, light.method)
   s = _sample_cfg(heavy, batch_size=n, num_samples=n, gen_len=g, t_final=0.0, use_cache=True,
                   decoder="ancestral", num_steps=t_steps)
-  fh_cfg = scheduled.flops_model_config(heavy.config, tok.vocab_size, g + 1)
-  fl_cfg = scheduled.flops_model_config(light.config, tok.vocab_size, g + 1)
+  fh_cfg = flops_lib.flops_model_config(heavy.config, tok.vocab_size, g + 1)
+  fl_cfg = flops_lib.flops_model_config(light.config, tok.vocab_size, g + 1)
   sched_rows: dict[str, list] = {k: [] for k, _ in TEXT_SCHEDULES}
   for seed in args.seeds:
     for name, spec in TEXT_SCHEDULES:
@@ -437,7 +439,7 @@ def part_text(args, log) -> dict:
   for name, spec in TEXT_SCHEDULES:
     recs = sched_rows[name]
     sched = ms.parse_schedule(spec, t_steps)
-    flops = scheduled.flops_report(sched, fh_cfg, fl_cfg, np.array([r["nfe_heavy"] for r in recs]),
+    flops = flops_lib.flops_report(sched, fh_cfg, fl_cfg, np.array([r["nfe_heavy"] for r in recs]),
                                    np.array([r["nfe_light"] for r in recs]),
                                    nfe_all_heavy=np.array([h["nfe_heavy"] for h in all_h]))
     ppl = [r["gen_ppl"] for r in recs]

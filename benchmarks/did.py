@@ -32,9 +32,9 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from configs import did_tiny, mdlm_tiny  # noqa: E402
-from dlm_jax import experiment as exp_lib  # noqa: E402
+from dlm_jax.run import experiment as exp_lib  # noqa: E402
 from dlm_jax import parallel  # noqa: E402
-from dlm_jax import trainer  # noqa: E402
+from dlm_jax.run import trainer  # noqa: E402
 import did_dp  # noqa: E402  # pylint: disable=g-import-not-at-top
 
 
@@ -143,14 +143,14 @@ def main() -> None:
     L, B = args.seq_len, args.batch
     settings = [
         ("fixed", False, [("mdlm", _config("mdlm", args)),
-                          ("did-fixed packed", _config("did", args, diffusion__did_variant="fixed",
+                          ("did-fixed packed", _config("did", args, did__variant="fixed",
                                                        model__time_conditioning=False)),
-                          ("did-fixed unpacked", _config("did", args, diffusion__did_variant="fixed",
+                          ("did-fixed unpacked", _config("did", args, did__variant="fixed",
                                                          model__time_conditioning=False,
-                                                         diffusion__did_pack=False))]),
+                                                         did__pack=False))]),
         ("variable", True, [("mdlm (padded)", _config("mdlm", args)),
                             ("did-variable packed", _config("did", args)),
-                            ("did-variable unpacked", _config("did", args, diffusion__did_pack=False))]),
+                            ("did-variable unpacked", _config("did", args, did__pack=False))]),
     ]
     for name, variable, arms in settings:
       batch = make_batch(B, L, variable)
@@ -168,7 +168,7 @@ def main() -> None:
     for steps in (int(s) for s in args.sample_steps.split(",")):
       res = {}
       for label, cfg in (("mdlm", _config("mdlm", args)), ("did-variable", _config("did", args)),
-                         ("did-fixed", _config("did", args, diffusion__did_variant="fixed",
+                         ("did-fixed", _config("did", args, did__variant="fixed",
                                                model__time_conditioning=False))):
         res[label] = sample_time(cfg, steps, 16, max(args.reps // 2, 1))
       for label, (sec, nfe, length) in res.items():

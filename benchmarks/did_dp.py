@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dlm_jax.diffusion import did
+from dlm_jax.methods.did import dp as did_dp
 
 
 def bench(n: int, m: int, batch: int, reps: int, renormalize: bool) -> tuple[float, tuple[float, float] | None]:
@@ -28,7 +28,7 @@ def bench(n: int, m: int, batch: int, reps: int, renormalize: bool) -> tuple[flo
   keep = np.sort(np.stack([rng.choice(n, m, replace=False) for _ in range(batch)]), axis=1)
   xt = np.take_along_axis(x0, keep, axis=1)
   args = (jnp.asarray(x0), jnp.full((batch,), n, jnp.int32), jnp.asarray(xt), jnp.full((batch,), m, jnp.int32))
-  compiled = jax.jit(lambda *a: did.log_insertion_weights(*a, renormalize=renormalize)).lower(*args).compile()
+  compiled = jax.jit(lambda *a: did_dp.log_insertion_weights(*a, renormalize=renormalize)).lower(*args).compile()
   temp = None
   try:
     mem = compiled.memory_analysis()

@@ -26,9 +26,9 @@ sys.path.insert(0, ROOT)
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from dlm_jax import api  # noqa: E402
-from dlm_jax import trainer  # noqa: E402
-from dlm_jax.analysis import gen_ppl as gen_ppl_lib  # noqa: E402
+from dlm_jax.run import api  # noqa: E402
+from dlm_jax.run import trainer  # noqa: E402
+from dlm_jax.evaluation import gen_ppl as gen_ppl_lib  # noqa: E402
 
 STEP_COUNTS = (16, 32, 64, 128)
 
@@ -70,7 +70,7 @@ def train_run(name: str, steps: int, workdir: str) -> dict:
 
 
 def nelbo(workdir: str, num_batches: int, use_ema: bool) -> float:
-  from dlm_jax import evaluation  # pylint: disable=g-import-not-at-top  (no absl flags)
+  from dlm_jax.run import evaluation  # pylint: disable=g-import-not-at-top  (no absl flags)
   res = evaluation.run_eval(workdir, num_batches=num_batches, use_ema=use_ema)
   return float(res["nelbo_nats_per_token"])
 

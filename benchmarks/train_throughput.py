@@ -29,10 +29,10 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from dlm_jax import experiment as exp_lib  # noqa: E402
+from dlm_jax.run import experiment as exp_lib  # noqa: E402
 from dlm_jax import parallel  # noqa: E402
-from dlm_jax import trainer  # noqa: E402
-from dlm_jax.models.transformer import forward_flops_per_token  # noqa: E402
+from dlm_jax.run import trainer  # noqa: E402
+from dlm_jax.models.flops import forward_flops_per_token  # noqa: E402
 
 SETTINGS = {
     "tiny": dict(num_layers=4, d_model=128, num_heads=4, seq_len=128, batch=32, vocab=4096),

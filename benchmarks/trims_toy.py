@@ -56,7 +56,7 @@ def _done(workdir: str, steps: int) -> bool:
 
 
 def _train(config, workdir: str, what: str, timings: dict) -> None:
-  from dlm_jax import trainer  # pylint: disable=g-import-not-at-top
+  from dlm_jax.run import trainer  # pylint: disable=g-import-not-at-top
   t0 = time.perf_counter()
   if not _done(workdir, config.train.num_steps):
     config.train.print_batch = False
@@ -71,8 +71,8 @@ def _load_config(path: str):
 
 
 def _eval(workdir: str, teacher, taus, n_test: int, timings: dict) -> dict:
-  from dlm_jax import api  # pylint: disable=g-import-not-at-top
-  from dlm_jax.analysis import task_eval  # pylint: disable=g-import-not-at-top
+  from dlm_jax.run import api  # pylint: disable=g-import-not-at-top
+  from dlm_jax.evaluation import task_accuracy as task_eval  # pylint: disable=g-import-not-at-top
   path = os.path.join(workdir, f"toy_eval_n{n_test}.json")
   if os.path.exists(path):
     with open(path, encoding="utf-8") as f:
@@ -100,7 +100,7 @@ def _mean_std(xs) -> tuple[float, float]:
 
 def aggregate(results: dict[str, dict[str, dict]], base: dict, seeds: list[int]) -> dict:
   """Per arm: mean +- std over seeds of each point's metrics and of AUP (y_max per seed over arms)."""
-  from dlm_jax.analysis import task_eval  # pylint: disable=g-import-not-at-top
+  from dlm_jax.evaluation import task_accuracy as task_eval  # pylint: disable=g-import-not-at-top
   out = {}
   y_max = {s: max([p["accuracy"] for p in base["points"]] +
                   [p["accuracy"] for arm in results for p in results[arm][str(s)]["points"]]) for s in seeds}
@@ -157,9 +157,9 @@ def main(argv):
   os.makedirs(wd, exist_ok=True)
   jax.config.update("jax_compilation_cache_dir", os.path.join(wd, "jax_cache"))
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-  from dlm_jax import api  # pylint: disable=g-import-not-at-top
+  from dlm_jax.run import api  # pylint: disable=g-import-not-at-top
   from dlm_jax import score_difficulty  # pylint: disable=g-import-not-at-top
-  from dlm_jax.analysis import task_eval  # pylint: disable=g-import-not-at-top
+  from dlm_jax.evaluation import task_accuracy as task_eval  # pylint: disable=g-import-not-at-top
 
   seeds = [int(s) for s in _SEEDS.value]
   taus = [float(t) for t in _TAUS.value]

@@ -6,5 +6,5 @@ from configs import mdlm_tiny
 def get_config():
   c = mdlm_tiny.get_config()
   c.method = "ar"
-  c.sample.decoder = "ancestral"  # ignored by the AR sampler (left to right)
+  c.sample.decoder = "autoregressive"  # left to right (the causal family's decoder)
   return c

@@ -24,8 +24,8 @@ def get_config():
   c = arith_pretrain.get_config()
   c.data.path = SFT_SET                  # scored set (score_difficulty); every arm reads the same
   c.train.init_from = PRETRAIN_WORKDIR   # pretrained student
-  c.diffusion.masking = "random"
-  c.diffusion.sft_weighting = "inv_t"
+  c.trims.masking = "random"
+  c.trims.weighting = "inv_t"
   c.diffusion.normalize = "sequence"     # LLaDA SFT: (1/B) sum_b (1/t_b) sum_l CE / n_b
   c.diffusion.time_sampling = "example"  # t from the example's key: masks follow the example
   c.optim.lr = 3e-4

@@ -8,5 +8,6 @@ from configs import arith_sft_standard
 
 def get_config():
   c = arith_sft_standard.get_config()
-  c.diffusion.sft_weighting = "uniform"  # mean CE over the masked slots of the global batch
+  c.trims.weighting = "uniform"  # mean CE over the masked slots of the global batch
+  c.diffusion.normalize = "token"
   return c

@@ -8,11 +8,11 @@ from configs import arith_sft_standard
 
 def get_config():
   c = arith_sft_standard.get_config()
-  c.diffusion.masking = "trims"
-  c.diffusion.sft_weighting = "uniform"
+  c.trims.masking = "trims"
+  c.trims.weighting = "uniform"
   c.diffusion.normalize = "token"
-  c.diffusion.trims_buckets = 8
-  c.diffusion.trims_p_context = 0.05
-  c.diffusion.trims_p_future = 0.95
-  c.diffusion.trims_k_law = "uniform"
+  c.trims.num_buckets = 8
+  c.trims.p_context = 0.05
+  c.trims.p_future = 0.95
+  c.trims.k_law = "uniform"
   return c

@@ -5,5 +5,5 @@ from configs import arith_sft_trims
 
 def get_config():
   c = arith_sft_trims.get_config()
-  c.diffusion.masking = "trims_easy_first"
+  c.trims.masking = "trims_easy_first"
   return c

@@ -8,5 +8,5 @@ from configs import arith_sft_trims
 
 def get_config():
   c = arith_sft_trims.get_config()
-  c.diffusion.masking = "random_buckets"
+  c.trims.masking = "random_buckets"
   return c

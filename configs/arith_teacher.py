@@ -6,6 +6,7 @@ from configs import arith_pretrain
 def get_config():
   c = arith_pretrain.get_config()
   c.method = "ar"
+  c.sample.decoder = "autoregressive"
   c.model.num_layers = 3
   c.train.num_steps = 400
   c.optim.warmup_steps = 50

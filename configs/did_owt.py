@@ -7,11 +7,11 @@ softmax over its own gaps scaled by n - m; sampling fills `sample.capacity` (def
 Packing: the survivors of two 1024-token rows share one 1152-slot model row (antithetic times), so a
 step runs 256 x 1152 tokens instead of MDLM's 512 x 1024 (0.56x). For the variable-length setting
 (DISE + count-softmax + time input, AdamW 1e-4, 60k steps in the paper) pass
-  --config.diffusion.did_variant=variable --config.model.time_conditioning=True --config.optim.lr=1e-4
+  --config.did.variant=variable --config.model.time_conditioning=True --config.optim.lr=1e-4
 with data.packing=pad on a short-document corpus.
 
 Needs the OpenWebText ArrayRecord files prepared once with
-  python -m dlm_jax.data.prepare --dataset=openwebtext --source_dir=/path/to/owt --data_dir=DIR
+  python -m dlm_jax.prepare --dataset=openwebtext --source_dir=/path/to/owt --data_dir=DIR
 and `--config.data.tfds_data_dir=DIR`.
 """
 
@@ -23,10 +23,10 @@ def get_config():
   c.method = "did"
   c.model.max_len = 1025                 # [BOS] + up to 1024 tokens
   c.model.time_conditioning = False      # fixed length: no time input
-  c.diffusion.did_variant = "fixed"      # DICE + seqnorm head
-  c.diffusion.did_max_log_count = 6.931471805599453  # log(1024) (variable variant only)
-  c.diffusion.did_pack = True
-  c.diffusion.did_pack_len = 0           # auto: 1152
+  c.did.variant = "fixed"      # DICE + seqnorm head
+  c.did.max_log_count = 6.931471805599453  # log(1024) (variable variant only)
+  c.did.pack = True
+  c.did.pack_len = 0           # auto: 1152
   c.diffusion.eval_num_t = 16
   c.sample.decoder = "did"
   c.sample.num_steps = 1024

@@ -14,10 +14,10 @@ def get_config():
   c.method = "did"
   c.model.max_len = 256                 # >= seq_len + 1 (BOS)
   c.model.time_conditioning = True      # variable-length DID takes t
-  c.diffusion.did_variant = "variable"  # DISE + count-softmax head
-  c.diffusion.did_max_log_count = 4.852030263919617  # log(128): at most seq_len tokens per gap
-  c.diffusion.did_pack = True
-  c.diffusion.did_pack_len = 0          # auto: 160 for seq_len 128
+  c.did.variant = "variable"  # DISE + count-softmax head
+  c.did.max_log_count = 4.852030263919617  # log(128): at most seq_len tokens per gap
+  c.did.pack = True
+  c.did.pack_len = 0          # auto: 160 for seq_len 128
   c.diffusion.eval_num_t = 8
   c.sample.decoder = "did"
   c.sample.num_steps = 128

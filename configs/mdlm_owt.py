@@ -1,7 +1,7 @@
 """Paper scale MDLM (arXiv 2406.07524): OpenWebText, GPT-2 BPE, L = 1024, DiT-small, batch 512.
 
 Needs the OpenWebText ArrayRecord files prepared once with
-  python -m dlm_jax.data.prepare --dataset=openwebtext --source_dir=/path/to/owt --data_dir=DIR
+  python -m dlm_jax.prepare --dataset=openwebtext --source_dir=/path/to/owt --data_dir=DIR
 and `--config.data.tfds_data_dir=DIR`.
 """
 

@@ -33,6 +33,6 @@ _default_cpu_xla_flags()
 
 
 def load(workdir: str, step: int | None = None, **kwargs):
-  """Opens a training run in a notebook; see `dlm_jax.api.load`."""
-  from dlm_jax import api  # pylint: disable=g-import-not-at-top
+  """Opens a training run in a notebook; see `dlm_jax.run.api.load`."""
+  from dlm_jax.run import api  # pylint: disable=g-import-not-at-top  (importing dlm_jax stays light)
   return api.load(workdir, step=step, **kwargs)

@@ -9,19 +9,15 @@ number of tokens and of t-draws per sequence.
 from __future__ import annotations
 
 import json
-import os
 import sys
 
 from absl import app
 from absl import flags
-import jax
-import numpy as np
 
-from dlm_jax import api
-from dlm_jax import checkpoint as ckpt_lib
-from dlm_jax import config_lib
-from dlm_jax.evaluation import run_eval
-from dlm_jax import parallel
+from dlm_jax import config as config_lib
+from dlm_jax.run import checkpoint as ckpt_lib
+from dlm_jax.run import cli
+from dlm_jax.run.evaluation import run_eval, run_task_eval
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir to evaluate.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: newest).")
@@ -56,7 +52,7 @@ def main(argv):
     return
   try:
     res = run_eval(_WORKDIR.value, _STEP.value, _BATCHES.value, _NUM_T.value, not _NO_EMA.value,
-                   _JUDGE.value, _GEN_N.value, api.parse_sample_overrides(_SET.value))
+                   _JUDGE.value, _GEN_N.value, cli.parse_sample_overrides(_SET.value))
   except (config_lib.ConfigError, ckpt_lib.CheckpointError) as e:
     print(f"ERROR: {e}", file=sys.stderr, flush=True)
     sys.exit(2)
@@ -65,7 +61,6 @@ def main(argv):
 
 def _main_task_accuracy() -> None:
   """--task_accuracy: evaluates, prints one line per decode setting, writes JSON + PNG."""
-  from dlm_jax.analysis import task_eval  # pylint: disable=g-import-not-at-top
   try:
     taus = [float(t) for t in _TAUS.value]
   except ValueError:
@@ -73,7 +68,7 @@ def _main_task_accuracy() -> None:
   if any(not 0.0 < t <= 1.0 for t in taus):
     raise app.UsageError(f"--taus={_TAUS.value}: every tau must lie in (0, 1].")
   try:
-    res = task_eval.run_task_eval(_WORKDIR.value, taus=taus, n=_TASK_N.value, seed=_TASK_SEED.value,
+    res = run_task_eval(_WORKDIR.value, taus=taus, n=_TASK_N.value, seed=_TASK_SEED.value,
                                   teacher_workdir=_TEACHER.value, step=_STEP.value,
                                   use_ema=not _NO_EMA.value)
   except (config_lib.ConfigError, ckpt_lib.CheckpointError, ValueError) as e:

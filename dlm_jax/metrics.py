@@ -29,6 +29,49 @@ def tokens_per_forward(n_tokens: np.ndarray, nfe: np.ndarray) -> float:
   return float(np.sum(n_tokens)) / max(float(np.sum(nfe)), 1e-9)
 
 
+def wilson_interval(k: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
+  """Wilson score interval of a binomial proportion k / n (default 95%), in [0, 1].
+
+  With no trials (n = 0) there is no interval: (nan, nan), so a report over an empty set says so
+  instead of failing. A count outside [0, n] or a negative n is a bug: ValueError.
+  """
+  k, n = int(k), int(n)
+  if n < 0 or not 0 <= k <= max(n, 0):
+    raise ValueError(f"wilson_interval: need 0 <= k <= n, got k={k}, n={n}")
+  if n == 0:
+    return float("nan"), float("nan")
+  p = k / n
+  z2 = z * z
+  denom = 1.0 + z2 / n
+  centre = (p + z2 / (2 * n)) / denom
+  half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / denom
+  return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def _average_ranks(x: np.ndarray) -> np.ndarray:
+  """1-based ranks with ties given their average rank."""
+  _, inverse, counts = np.unique(x, return_inverse=True, return_counts=True)
+  start = np.cumsum(counts) - counts
+  return (start + (counts + 1) / 2.0)[inverse.ravel()]
+
+
+def spearman(x, y) -> float:
+  """Spearman rank correlation with average ranks for ties.
+
+  NaN when it is undefined: fewer than two points, or either side constant (a correlation of
+  0.0 there would read as "no relation" and enter averages as if measured).
+  """
+  x, y = np.asarray(x, np.float64).ravel(), np.asarray(y, np.float64).ravel()
+  if x.shape != y.shape:
+    raise ValueError(f"spearman needs two sequences of equal length, got {x.size} and {y.size}")
+  if x.size < 2:
+    return float("nan")
+  rx, ry = _average_ranks(x), _average_ranks(y)
+  rx, ry = rx - rx.mean(), ry - ry.mean()
+  den = math.sqrt(float((rx * rx).sum() * (ry * ry).sum()))
+  return float((rx * ry).sum() / den) if den > 0 else float("nan")
+
+
 def content_length(tokens: np.ndarray, eos_id: int) -> np.ndarray:
   """Tokens before the first EOS in each row [B]."""
   tokens = np.asarray(tokens)

@@ -17,6 +17,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")   # the batch is split over these
+TENSOR_AXIS = "tensor"          # heads, MLP hidden units and the vocabulary are split over this
 
 
 class MeshError(ValueError):
@@ -106,7 +108,7 @@ def logical_to_sharding(logical_tree: Any, mesh: Mesh) -> Any:
 
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
   """Shards the leading (batch) axis over (data, fsdp); other axes replicated."""
-  return NamedSharding(mesh, P(("data", "fsdp"), *([None] * (ndim - 1))))
+  return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

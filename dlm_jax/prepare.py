@@ -1,14 +1,15 @@
 r"""Prepares a corpus as TFDS ArrayRecord files that dlm-jax reads without TensorFlow.
 
   # OpenWebText from a local copy (a folder of .txt files or openwebtext.tar.xz); no internet needed.
-  python -m dlm_jax.data.prepare --dataset=openwebtext --source_dir=/data/openwebtext \
+  python -m dlm_jax.prepare --dataset=openwebtext --source_dir=/data/openwebtext \
       --data_dir=/data/tensorflow_datasets
 
   # LM1B through the TFDS catalogue: DOWNLOADS about 1.7 GB from the internet (statmt.org), so run it on a
   # machine with network access and copy data_dir over. Needs `pip install importlib_resources`.
-  python -m dlm_jax.data.prepare --dataset=lm1b --data_dir=/data/tensorflow_datasets
+  python -m dlm_jax.prepare --dataset=lm1b --data_dir=/data/tensorflow_datasets
 
-Then set config.data.dataset='openwebtext' (or 'lm1b') and config.data.data_dir to the same data_dir.
+Then train with config.data.source='tfds', config.data.tfds_name='openwebtext_local' (or 'lm1b') and
+config.data.tfds_data_dir set to the same data_dir (configs/*_owt.py set the first two).
 """
 from __future__ import annotations
 

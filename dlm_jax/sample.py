@@ -29,10 +29,15 @@ from absl import flags
 import jax
 import numpy as np
 
-from dlm_jax import api
-from dlm_jax import checkpoint as ckpt_lib
-from dlm_jax import config_lib
+from dlm_jax import config as config_lib
+from dlm_jax import methods
 from dlm_jax import metrics as metrics_lib
+from dlm_jax.run import api
+from dlm_jax.run import checkpoint as ckpt_lib
+from dlm_jax.run import cli
+from dlm_jax.sampling import decoders
+from dlm_jax.scheduling import flops as flops_lib
+from dlm_jax.scheduling import sampler as scheduled
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir to sample from (the heavy "
                                "model when --light_workdir is given).")
@@ -52,27 +57,6 @@ _SCHEDULE = flags.DEFINE_string(
     "the first and last 8 of 32 steps).")
 
 RULE_NAMES = ("threshold", "conf_cluster", "token_cluster", "temporal")
-
-
-def _check_sample_options(s: Any, scheduled: bool) -> None:
-  """Flag combinations that cannot work; raises ConfigError before anything is loaded."""
-  from dlm_jax.sampling import r2 as r2_lib  # pylint: disable=g-import-not-at-top
-  if not 0.0 < s.tau <= 1.0:
-    raise config_lib.ConfigError(f"sample.tau={s.tau} is outside (0, 1].")
-  if s.decoder not in config_lib.CHOICES["sample.decoder"]:
-    raise config_lib.ConfigError(f"sample.decoder={s.decoder!r} is not one of "
-                                 f"{config_lib.CHOICES['sample.decoder']}.")
-  if s.r2:
-    if s.decoder != "threshold":
-      raise config_lib.ConfigError(f"sample.r2={s.r2!r} needs sample.decoder=threshold "
-                                   f"(got {s.decoder!r}).")
-    try:
-      r2_lib.R2Config.from_flags(s.r2, tau=s.tau)
-    except ValueError as e:
-      raise config_lib.ConfigError(f"sample.r2: {e}") from None
-  if scheduled and s.decoder != "ancestral":
-    raise config_lib.ConfigError(f"--schedule runs ancestral sampling; sample.decoder="
-                                 f"{s.decoder!r} is not supported with two models.")
 
 
 def _commit_stats(out: dict, n: int) -> dict[str, Any]:
@@ -100,10 +84,11 @@ def run_sampling(workdir: str, overrides: dict, num_samples: int | None, seed: i
                  prompt: str | None = None) -> dict:
   """Single-model sampling; returns dict(summary, texts) and writes the two files."""
   base = api.read_run_config(workdir, step)[0]
-  s0 = api._fix_types(base).sample  # pylint: disable=protected-access
+  s0 = base.sample
   for k, v in overrides.items():
     s0[k] = v
-  _check_sample_options(s0, scheduled=False)
+  method_cls = methods.get_method_class(base.method)
+  decoders.check_options(s0, method_cls.family, method_cls.default_decoder, method_cls.name)
   run = api.load(workdir, step=step, use_ema=use_ema)
   s = run.config.sample
   for k, v in overrides.items():
@@ -138,14 +123,16 @@ def run_scheduled_sampling(workdir: str, light_workdir: str, schedule_spec: str,
   Every check (options, schedule range, methods and tokenizers of the two runs) runs before
   any sampling.
   """
-  from dlm_jax.sampling import scheduled  # pylint: disable=g-import-not-at-top
-  heavy_cfg = api._fix_types(api.read_run_config(workdir, step)[0])  # pylint: disable=protected-access
-  light_cfg = api._fix_types(api.read_run_config(light_workdir, light_step)[0])  # pylint: disable=protected-access
+  heavy_cfg = api.read_run_config(workdir, step)[0]
+  light_cfg = api.read_run_config(light_workdir, light_step)[0]
   s = heavy_cfg.sample
   for k, v in overrides.items():
     s[k] = v
-  _check_sample_options(s, scheduled=True)
   scheduled.check_pair_configs(heavy_cfg, light_cfg)
+  decoders.check_options(s, "masked", "ancestral", "mdlm")
+  if (s.decoder or "ancestral") != "ancestral":
+    raise config_lib.ConfigError(f"--schedule runs ancestral sampling; sample.decoder="
+                                 f"{s.decoder!r} is not supported with two models.")
   num_steps = overrides.get("num_steps")
   schedule = scheduled.resolve_schedule(schedule_spec, num_steps)
   heavy = api.load(workdir, step=step, use_ema=use_ema)
@@ -171,9 +158,9 @@ def run_scheduled_sampling(workdir: str, light_workdir: str, schedule_spec: str,
   texts = [tok.decode(list(r)) for r in out["tokens"]]
   nfe = np.asarray(out["nfe"], np.float64)
   seq = int(out["prompt_len"]) + int(out["gen_len"])
-  fcfg_h = scheduled.flops_model_config(heavy.config, tok.vocab_size, seq)
-  fcfg_l = scheduled.flops_model_config(light.config, tok.vocab_size, seq)
-  flops = scheduled.flops_report(schedule, fcfg_h, fcfg_l, out["nfe_heavy"], out["nfe_light"])
+  fcfg_h = flops_lib.flops_model_config(heavy.config, tok.vocab_size, seq)
+  fcfg_l = flops_lib.flops_model_config(light.config, tok.vocab_size, seq)
+  flops = flops_lib.flops_report(schedule, fcfg_h, fcfg_l, out["nfe_heavy"], out["nfe_light"])
   gen = int(out["gen_len"])
   summary = dict(step=heavy.step, light_step=light.step, decoder="ancestral",
                  schedule=str(schedule), num_steps=schedule.num_steps,
@@ -200,7 +187,7 @@ def main(argv):
   # the effective temperature); training stays float32/bf16.
   jax.config.update("jax_enable_x64", True)
   try:
-    overrides = api.parse_sample_overrides(_SET.value)
+    overrides = cli.parse_sample_overrides(_SET.value)
     if _SCHEDULE.value:
       res = run_scheduled_sampling(_WORKDIR.value, _LIGHT.value, _SCHEDULE.value, overrides,
                                    _NUM.value, _SEED.value, _OUT.value, _STEP.value,

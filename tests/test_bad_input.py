@@ -12,11 +12,11 @@ import sys
 
 import pytest
 
-from dlm_jax import api
-from dlm_jax import checkpoint as ckpt_lib
-from dlm_jax import config_lib
-from dlm_jax import experiment as exp_lib
-from dlm_jax import trainer
+from dlm_jax.run import api
+from dlm_jax.run import checkpoint as ckpt_lib
+from dlm_jax import config as config_lib
+from dlm_jax.run import experiment as exp_lib
+from dlm_jax.run import trainer
 from tests.tiny import TINY_FLAGS, tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -156,7 +156,7 @@ def test_batch_that_does_not_divide_the_devices(tmp_path):
 
 
 def test_corrupt_array_record_shard(tmp_path):
-  from dlm_jax.data import prepare
+  from dlm_jax import prepare
   src, data_dir = tmp_path / "owt", tmp_path / "tfds"
   src.mkdir()
   for i in range(12):

@@ -12,10 +12,9 @@ import numpy as np
 import pytest
 
 from dlm_jax.data import pipeline
-from dlm_jax.data import sources
 from dlm_jax.data import tokenizers
 from dlm_jax.data.pipeline import describe_batch, make_eval_iterator, make_lm_iterator
-from dlm_jax.data.sources import BibleSource, TextFilesSource, tfds_source
+from dlm_jax.data.corpora import BibleSource, TextFilesSource, tfds_source
 from dlm_jax.data.tokenizers import get_tokenizer
 
 
@@ -167,7 +166,7 @@ def test_text_files_source(tmp_path):
 
 def test_missing_tfds_data_gives_prepare_command(tmp_path):
   for name in ("openwebtext", "lm1b"):
-    with pytest.raises(FileNotFoundError, match="python -m dlm_jax.data.prepare") as e:
+    with pytest.raises(FileNotFoundError, match="python -m dlm_jax.prepare") as e:
       tfds_source(name, "train", str(tmp_path))
     assert f"--dataset={name}" in str(e.value) and str(tmp_path) in str(e.value)
   assert not any("array_record" in f for _, _, files in os.walk(tmp_path) for f in files)  # nothing prepared
@@ -175,7 +174,7 @@ def test_missing_tfds_data_gives_prepare_command(tmp_path):
 
 def test_owt_builder_array_record_round_trip(tmp_path, byte_tok):
   """Prepare OpenWebTextLocal from 3 local .txt files, read it back with tfds.data_source + the pipeline."""
-  from dlm_jax.data import prepare
+  from dlm_jax import prepare
   src_dir, data_dir = tmp_path / "owt", tmp_path / "tfds"
   src_dir.mkdir()
   texts = {f"doc{i}.txt": f"Open web text number {i}.\n\nIt has two paragraphs {i}." for i in range(3)}
@@ -186,7 +185,7 @@ def test_owt_builder_array_record_round_trip(tmp_path, byte_tok):
   train, val = tfds_source("openwebtext", "train", str(data_dir)), tfds_source("openwebtext", "validation",
                                                                                 str(data_dir))
   assert len(train) == 2 and len(val) == 1  # document 0 of every 200 is validation
-  same = sources.get_source("tfds", "train", data_dir=str(data_dir), tfds_name="openwebtext_local")
+  same = tfds_source("openwebtext_local", "train", str(data_dir))
   assert [same[0], same[1]] == [train[0], train[1]]
   assert sorted([train[0], train[1], val[0]]) == sorted(texts.values())
   it = make_eval_iterator(train, byte_tok, seq_len=64, global_batch_size=2, packing="pad")
@@ -369,11 +368,27 @@ def test_describe_batch(gpt2):
   assert "Genesis 20" in text and "segment 1" in text and "BOS" in text
 
 
-def test_get_source_by_name(tmp_path):
-  assert len(sources.get_source("bible", "validation")) == 59
-  with pytest.raises(ValueError, match="config.data.path"):
-    sources.get_source("text", "train")
-  with pytest.raises(ValueError, match="config.data.tfds_name"):
-    sources.get_source("tfds", "train")
-  with pytest.raises(ValueError, match="config.data.source"):
-    sources.get_source("wikipedia", "train")
+def test_data_source_registry(tmp_path):
+  """config.data.source names a registered source; each checks the data.* fields it reads."""
+  from configs import mdlm_tiny  # pylint: disable=g-import-not-at-top
+  from dlm_jax.config import ConfigError  # pylint: disable=g-import-not-at-top
+  from dlm_jax.data import sources as registry  # pylint: disable=g-import-not-at-top
+  assert set(registry.names()) == {"bible", "text", "tfds", "arith", "hmm", "sft"}
+  with pytest.raises(ConfigError, match=r"config.data.source='wikipedia' is not one of"):
+    registry.get("wikipedia")
+  cfg = mdlm_tiny.get_config()
+  with pytest.raises(ConfigError, match="config.data.path: is empty"):
+    registry.get("text").check(cfg)
+  cfg.data.path = str(tmp_path / "nope.txt")
+  with pytest.raises(ConfigError, match="does not exist"):
+    registry.get("text").check(cfg)
+  with pytest.raises(ConfigError, match="config.data.tfds_name"):
+    registry.get("tfds").check(cfg)
+  cfg.data.path = str(tmp_path / "pairs.txt")
+  with pytest.raises(ConfigError, match=r"data.source='sft' reads a prompt/response .jsonl"):
+    registry.get("sft").check(cfg)
+  # The embedded corpus, through the registry, as training reads it.
+  cfg.data.tokenizer, cfg.train.global_batch_size, cfg.data.seq_len = "bytes", 2, 32
+  bible = registry.get("bible")
+  batch = next(bible.train_iterator(cfg, bible.make_tokenizer(cfg)))
+  assert batch["tokens"].shape == (2, 32)

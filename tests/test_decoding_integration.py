@@ -11,13 +11,15 @@ import ml_collections
 import numpy as np
 import pytest
 
-from dlm_jax import api
-from dlm_jax import config_lib
+from dlm_jax.run import api
+from dlm_jax import config as config_lib
 from dlm_jax import sample as sample_cli
-from dlm_jax import trainer
-from dlm_jax.analysis import step_importance as si
-from dlm_jax.sampling import model_schedule as ms
-from dlm_jax.sampling import scheduled
+from dlm_jax.run import trainer
+from dlm_jax import metrics as metrics_lib
+from dlm_jax.scheduling import step_importance as si
+from dlm_jax.scheduling import schedule as ms
+from dlm_jax.scheduling import flops as flops_lib
+from dlm_jax.scheduling import sampler as scheduled
 from tests.tiny import tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -201,8 +203,8 @@ def test_predicted_degradation_oracle():
   assert [r["light_segments"] for r in recs] == [(3,), (2,), (1,), (0,)]
   assert recs[0]["schedule"] == "H6,L2" and recs[0]["rank"] == 1
   assert len(si.search_placements(lambda s: 0.0, 4, 1)) == 16
-  assert si.rank_correlation([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
-  assert si.rank_correlation([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+  assert metrics_lib.spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+  assert metrics_lib.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
 
 
 def test_flops_report_toy_pair():
@@ -210,14 +212,14 @@ def test_flops_report_toy_pair():
   h = dict(n_layers=4, d=64, seq_len=32, vocab=17)
   l = dict(n_layers=1, d=64, seq_len=32, vocab=17)
   sched = ms.ModelSchedule.from_placement((0, 7), 8, 4)
-  rep = scheduled.flops_report(sched, h, l, np.array([24, 24]), np.array([8, 8]),
+  rep = flops_lib.flops_report(sched, h, l, np.array([24, 24]), np.array([8, 8]),
                                nfe_all_heavy=32)
   assert rep["blocks"]["saving_nominal"] == pytest.approx(0.1875)
   assert rep["full"]["saving_nominal"] == pytest.approx(0.1865, abs=5e-4)
   assert rep["blocks"]["saving_nfe"] == pytest.approx(0.1875)
   assert rep["blocks"]["saving_vs_all_heavy_nfe"] == pytest.approx(0.1875)
   # Fewer passes than nominal (cache hits) count only what ran.
-  rep2 = scheduled.flops_report(sched, h, l, np.array([12]), np.array([4]), nfe_all_heavy=20)
+  rep2 = flops_lib.flops_report(sched, h, l, np.array([12]), np.array([4]), nfe_all_heavy=20)
   assert rep2["blocks"]["nfe_per_sample"] == pytest.approx(
       12 * rep2["blocks"]["per_pass_heavy"] + 4 * rep2["blocks"]["per_pass_light"])
   assert rep2["blocks"]["saving_vs_all_heavy_nfe"] == pytest.approx(1 - (12 + 4 * 0.25) / 20)

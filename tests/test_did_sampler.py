@@ -5,9 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dlm_jax.diffusion import did
-from dlm_jax.sampling import did as did_sampling
-from dlm_jax.sampling.did import apply_insertions, did_sample, draw_dtype
+from dlm_jax.methods.did import dp as did_dp
+from dlm_jax.methods.did import sampler as did_sampling
+from dlm_jax.methods.did.sampler import apply_insertions, did_sample, draw_dtype
 
 BOS, A, B, C, D = 0, 1, 2, 3, 4
 V = 5
@@ -18,7 +18,7 @@ def exact_ab_scores(tokens, lengths, t):
   """Bayes-optimal scores for the data set {ab}: the DP targets rho with x0 = ab."""
   b = tokens.shape[0]
   x0 = jnp.broadcast_to(jnp.asarray([A, B], jnp.int32), (b, 2))
-  return did.log_insertion_targets(x0, jnp.full((b,), 2), tokens[:, 1:], lengths - 1, V)
+  return did_dp.log_insertion_targets(x0, jnp.full((b,), 2), tokens[:, 1:], lengths - 1, V)
 
 
 def test_data_ab_two_steps_gives_ab():

@@ -82,7 +82,7 @@ def test_paper_config_without_data_says_how_to_prepare(tmp_path):
   r = _run(["dlm_jax.train", "--config=configs/mdlm_owt.py", f"--workdir={tmp_path / 'w'}",
             f"--config.data.tfds_data_dir={tmp_path / 'tfds'}"])
   assert r.returncode == 2, r.stderr[-2000:]
-  assert "dlm_jax.data.prepare" in r.stderr
+  assert "dlm_jax.prepare" in r.stderr
   assert not os.path.exists(tmp_path / "w" / "checkpoints" / "0")
 
   # With the data prepared (here from 40 small local files, as a user would from the OWT dump),
@@ -92,7 +92,7 @@ def test_paper_config_without_data_says_how_to_prepare(tmp_path):
   src.mkdir()
   for i in range(40):
     (src / f"doc{i:02d}.txt").write_text(f"Document {i} of a small web corpus. " * (3 + i % 5))
-  prep = _run(["dlm_jax.data.prepare", "--dataset=openwebtext", f"--source_dir={src}",
+  prep = _run(["dlm_jax.prepare", "--dataset=openwebtext", f"--source_dir={src}",
                f"--data_dir={tmp_path / 'tfds'}"])
   assert prep.returncode == 0, prep.stderr[-2000:]
   r = _run(["dlm_jax.train", "--config=configs/mdlm_owt.py", f"--workdir={tmp_path / 'w'}",

@@ -16,11 +16,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from dlm_jax import api
-from dlm_jax import checkpoint as ckpt_lib
-from dlm_jax import experiment as exp_lib
+from dlm_jax.run import api
+from dlm_jax.run import checkpoint as ckpt_lib
+from dlm_jax.run import experiment as exp_lib
 from dlm_jax import parallel
-from dlm_jax import trainer
+from dlm_jax.run import trainer
 from tests.tiny import TINY_FLAGS, tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

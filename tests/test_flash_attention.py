@@ -159,8 +159,8 @@ def test_bad_inputs_raise():
   with pytest.raises(ValueError, match=r"interpret=True"):
     fa.flash_attention(q, k, v, seg, seg)  # CPU, no interpret mode.
   with pytest.raises(ValueError, match=r"block_k=48"):
-    fa.make_attention_fn(block_k=48, backend="gpu", interpret=True)
-  attend = fa.make_attention_fn(backend="gpu", interpret=True)
+    attention_lib.make_pallas_attention(block_k=48, backend="gpu", interpret=True)
+  attend = attention_lib.make_pallas_attention(backend="gpu", interpret=True)
   with pytest.raises(ValueError, match=r"head dim D=32"):
     x = np.zeros((1, 32, 1, 32), np.float32)
     attend(x, x, x, seg, seg)
@@ -168,12 +168,12 @@ def test_bad_inputs_raise():
 
 def test_fallback_to_xla(caplog):
   with caplog.at_level(logging.WARNING):
-    assert fa.make_attention_fn(fallback_ok=True, block_q=100, backend="gpu",
+    assert attention_lib.make_pallas_attention(fallback_ok=True, block_q=100, backend="gpu",
                                 interpret=True) is xla_attention
-    assert fa.make_attention_fn(fallback_ok=True) is xla_attention  # CPU: no GPU/TPU.
+    assert attention_lib.make_pallas_attention(fallback_ok=True) is xla_attention  # CPU: no GPU/TPU.
   assert "falling back to XLA" in caplog.text
   # An unsupported head dim at call time falls back too, with the reference's result.
-  attend = fa.make_attention_fn(fallback_ok=True, backend="gpu", interpret=True)
+  attend = attention_lib.make_pallas_attention(fallback_ok=True, backend="gpu", interpret=True)
   q, k, v, seg, _, _ = _inputs(1, 24, 24, 2, 32, jnp.float32, "packed")
   with caplog.at_level(logging.WARNING):
     out = jax.jit(lambda *a: attend(*a, causal=True))(q, k, v, seg, seg)
@@ -189,7 +189,7 @@ def test_shard_map_on_8_devices_matches_single_device():
   assert devices.size == 8, "tests/conftest.py should give 8 fake CPU devices"
   mesh = jax.sharding.Mesh(devices.reshape(2, 2, 2), ("data", "fsdp", "tensor"))
   q, k, v, seg, _, ct = _inputs(4, 64, 64, 2, 64, jnp.float32, "packed", seed=3)
-  attend = fa.make_attention_fn(block_q=32, block_k=32, backend="gpu", interpret=True)
+  attend = attention_lib.make_pallas_attention(block_q=32, block_k=32, backend="gpu", interpret=True)
 
   x_sharding = NamedSharding(mesh, P(("data", "fsdp"), None, "tensor", None))
   s_sharding = NamedSharding(mesh, P(("data", "fsdp"), None))

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dlm_jax.diffusion import mdlm
+from dlm_jax.diffusion import masked as mdlm
 from dlm_jax.diffusion import schedules
 
 SCHED = schedules.LogLinearSchedule()
@@ -130,9 +130,9 @@ def test_o5_subs_cross_entropy_and_carry_over():
   logits = jnp.array([[[2.0, 1.0, 0.0, 5.0]]])
   ce = mdlm.masked_cross_entropy(logits, jnp.array([[0]]), mask_id=3)
   assert float(ce[0, 0]) == pytest.approx(0.4076060, abs=1e-6)
-  lp = mdlm.subs_log_probs(logits, jnp.array([[1]]), mask_id=3)
+  lp = mdlm.subs_log_probs(logits, mask_id=3, xt=jnp.array([[1]]))
   np.testing.assert_array_equal(np.exp(np.asarray(lp[0, 0])), [0.0, 1.0, 0.0, 0.0])
-  lp_masked = mdlm.subs_log_probs(logits, jnp.array([[3]]), mask_id=3)
+  lp_masked = mdlm.subs_log_probs(logits, mask_id=3, xt=jnp.array([[3]]))
   assert float(jnp.exp(lp_masked[0, 0, 3])) == 0.0
 
 

@@ -7,9 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dlm_jax import experiment as exp_lib
+from dlm_jax.run import experiment as exp_lib
 from dlm_jax import parallel
-from dlm_jax.diffusion import mdlm as mdlm_lib
+from dlm_jax.diffusion import masked as mdlm_lib
 from dlm_jax.models import attention
 from dlm_jax.models.transformer import Transformer, TransformerConfig
 from tests.tiny import tiny_config

@@ -3,9 +3,10 @@
 import numpy as np
 import pytest
 
-from dlm_jax.sampling.model_schedule import (ModelSchedule, enumerate_placements,
-                                             family_placement, forward_flops, parse_schedule,
-                                             schedule_flops)
+from dlm_jax.models.flops import forward_flops
+from dlm_jax.scheduling.flops import schedule_flops
+from dlm_jax.scheduling.schedule import (ModelSchedule, enumerate_placements, family_placement,
+                                         parse_schedule)
 
 OWT_H = dict(n_layers=12, d=768, seq_len=1024, vocab=50258)
 OWT_L = dict(OWT_H, n_layers=4)

@@ -16,9 +16,9 @@ import jax
 import numpy as np
 import pytest
 
-from dlm_jax import checkpoint as ckpt_lib
-from dlm_jax import experiment as exp_lib
-from dlm_jax import trainer
+from dlm_jax.run import checkpoint as ckpt_lib
+from dlm_jax.run import experiment as exp_lib
+from dlm_jax.run import trainer
 from tests.tiny import TINY_FLAGS, tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -87,8 +87,8 @@ class _TwoShards:
   """One process's view of what two processes read: shard 0's rows, then shard 1's."""
 
   def __init__(self, config, tokenizer):
-    from dlm_jax.data import pipeline
-    src = exp_lib.make_source(config, config.data.train_split)
+    from dlm_jax.data import pipeline, sources
+    src = sources.get(config.data.source).documents(config, config.data.train_split)
     d = config.data
     self._its = [pipeline.make_lm_iterator(
         src, tokenizer, seq_len=d.seq_len, global_batch_size=config.train.global_batch_size,
@@ -165,7 +165,7 @@ def test_two_processes_match_one_process(two_process_run, tmp_path, monkeypatch)
   assert len({round(v, 4) for v in ref.values()}) == len(ref)
 
   # The two-process checkpoint opens in this single process and holds the same parameters.
-  from dlm_jax import api
+  from dlm_jax.run import api
   a = jax.device_get(api.load(wd, use_ema=False).params)
   b = jax.device_get(api.load(ref_wd, use_ema=False).params)
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):

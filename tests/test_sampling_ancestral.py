@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 
 from dlm_jax.sampling import ancestral
+from dlm_jax.scheduling import sampler as scheduled_sampler
 from dlm_jax.sampling.common import categorical_f64, gumbel_noise, max_gumbel
-from dlm_jax.sampling.model_schedule import parse_schedule
+from dlm_jax.scheduling.schedule import parse_schedule
 
 
 def constant_model(probs, mask_id):
@@ -122,7 +123,7 @@ def test_scheduled_all_heavy_bit_for_bit_and_switch():
   with jax.enable_x64(True):
     single = jax.jit(lambda k: ancestral.ancestral_sample(heavy, k, x0, maskable, mask_id,
                                                           t_steps))
-    sched = jax.jit(lambda k, il: ancestral.scheduled_ancestral_sample(
+    sched = jax.jit(lambda k, il: scheduled_sampler.scheduled_ancestral_sample(
         heavy, light, k, il, x0, maskable, mask_id, t_steps))
     tok_h, nfe_h = single(key)
     s_tok, s_h, s_l = sched(key, jnp.zeros((t_steps,), bool))
@@ -151,7 +152,7 @@ def test_common_random_numbers():
   maskable = jnp.ones((batch, length), bool)
   with jax.enable_x64(True):
     u = jax.random.uniform(jax.random.PRNGKey(3), (t_steps, batch, length), jnp.float64)
-    run = jax.jit(lambda il: ancestral.scheduled_ancestral_sample(
+    run = jax.jit(lambda il: scheduled_sampler.scheduled_ancestral_sample(
         heavy, light, jax.random.PRNGKey(0), il, x0, maskable, mask_id, t_steps, t_final=0.5,
         uniforms=u))
     th = np.asarray(run(jnp.zeros((t_steps,), bool))[0])
@@ -183,6 +184,6 @@ def test_bad_inputs_raise():
   with pytest.raises(ValueError, match="schedule"):
     ancestral.ancestral_sample(fn, key, x, m, 0, 4, schedule="linear")
   with pytest.raises(ValueError, match="is_light"):
-    ancestral.scheduled_ancestral_sample(fn, fn, key, jnp.zeros((5,), bool), x, m, 0, 4)
+    scheduled_sampler.scheduled_ancestral_sample(fn, fn, key, jnp.zeros((5,), bool), x, m, 0, 4)
   with pytest.raises(ValueError, match="is_light"):
-    ancestral.scheduled_ancestral_sample(fn, fn, key, parse_schedule("L1,H4"), x, m, 0, 4)
+    scheduled_sampler.scheduled_ancestral_sample(fn, fn, key, parse_schedule("L1,H4"), x, m, 0, 4)

@@ -7,7 +7,8 @@ import pytest
 
 from dlm_jax.sampling import blockwise
 from dlm_jax.metrics import bits_per_token, content_length, perplexity_bound, tokens_per_forward
-from dlm_jax.sampling.common import DecodeResult, wilson_interval
+from dlm_jax.metrics import wilson_interval
+from dlm_jax.sampling.common import DecodeResult
 
 MASK = 0
 K = 16  # non-mask ids 1..K
@@ -185,5 +186,9 @@ def test_metrics():
   assert lo == pytest.approx(0.1716, abs=2e-4) and hi == pytest.approx(0.2207, abs=2e-4)
   lo, hi = wilson_interval(0, 10)
   assert lo == 0.0 and hi == pytest.approx(0.2775, abs=2e-4)
-  with pytest.raises(ValueError, match="n must be positive"):
-    wilson_interval(0, 0)
+  # No trials, no interval (a report over an empty set says so); an impossible count is a bug.
+  assert all(np.isnan(wilson_interval(0, 0)))
+  with pytest.raises(ValueError, match="0 <= k <= n"):
+    wilson_interval(11, 10)
+  with pytest.raises(ValueError, match="0 <= k <= n"):
+    wilson_interval(-1, 10)

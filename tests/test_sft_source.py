@@ -6,9 +6,9 @@ import jax
 import numpy as np
 import pytest
 
-from dlm_jax import config_lib
-from dlm_jax import experiment as exp_lib
-from dlm_jax import trainer
+from dlm_jax import config as config_lib
+from dlm_jax.run import experiment as exp_lib
+from dlm_jax.run import trainer
 from tests.tiny import tiny_config
 
 
@@ -59,10 +59,10 @@ def test_sft_errors_name_the_setting(tmp_path):
   path = tmp_path / "pairs.jsonl"
   _write_jsonl(path)
   with pytest.raises(config_lib.ConfigError, match="needs teacher difficulty buckets.*score_difficulty"):
-    exp = exp_lib.Experiment.create(_config(path, diffusion__masking="trims"))
+    exp = exp_lib.Experiment.create(_config(path, trims__masking="trims"))
     next(exp_lib.make_train_iterator(exp.config, exp.tokenizer))
   with pytest.raises(config_lib.ConfigError, match="data.path"):
-    config_lib.validate(_config(tmp_path / "pairs.txt"))
+    exp_lib.validate_config(_config(tmp_path / "pairs.txt"))
   bad = tmp_path / "bad.jsonl"
   bad.write_text('{"prompt": "a", "response": "b"}\n{"prompt": "only a prompt"}\n')
   with pytest.raises(config_lib.ConfigError, match=r"bad.jsonl:2: missing field 'response'"):
@@ -77,18 +77,20 @@ def test_sft_errors_name_the_setting(tmp_path):
 
 def test_scored_jsonl_set_trains_with_trims_and_checks_the_tokenizer(tmp_path):
   from dlm_jax import score_difficulty
+  from dlm_jax.data import tokenizers as tokenizers_lib
+  from dlm_jax.data.tasks import sft as sft_lib
   path = tmp_path / "pairs.jsonl"
   _write_jsonl(path)
-  cfg = _config(tmp_path / "scored.npz", diffusion__masking="trims",
-                diffusion__sft_weighting="uniform")
+  cfg = _config(tmp_path / "scored.npz", trims__masking="trims",
+                trims__weighting="uniform")
   tok = exp_lib.make_tokenizer(cfg)
-  data = score_difficulty.jsonl_set(str(path), tok, 48, "config.data.seq_len")
+  data = sft_lib.jsonl_set(str(path), tok, 48, "config.data.seq_len")
   nll = np.random.default_rng(0).gamma(0.5, 1.0, data.response.shape).astype(np.float32)
-  score_difficulty.write_scored_set(str(tmp_path / "scored.npz"), data, nll, 8,
-                                    dict(teacher_tokenizer=score_difficulty.tokenizer_id(tok)))
+  sft_lib.write_scored_set(str(tmp_path / "scored.npz"), data, nll, 8,
+                                    dict(teacher_tokenizer=tokenizers_lib.tokenizer_id(tok)))
   out = trainer.train(cfg, str(tmp_path / "run"))
   assert np.isfinite(out["loss"])
-  score_difficulty.write_scored_set(str(tmp_path / "other.npz"), data, nll, 8,
+  sft_lib.write_scored_set(str(tmp_path / "other.npz"), data, nll, 8,
                                     dict(teacher_tokenizer="gpt2 (vocab 50258, fingerprint 0)"))
   cfg.data.path = str(tmp_path / "other.npz")
   with pytest.raises(config_lib.ConfigError, match="scored with the tokenizer gpt2"):

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from dlm_jax.data import tasks
+from dlm_jax.data.tasks import arith as arith_task, hmm as hmm_task, sft as sft_task
 
 WORKED_PROMPT = [16, 3, 7, 10, 5, 11, 3, 10, 9, 15]
 WORKED_RESPONSE = [3, 7, 10, 5, 12, 4, 2, 3, 11, 4, 2, 12, 2, 6, 2, 6, 10, 9, 12, 3, 5, 14, 3, 5, 17]
@@ -17,10 +17,10 @@ WORKED_RESPONSE = [3, 7, 10, 5, 12, 4, 2, 3, 11, 4, 2, 12, 2, 6, 2, 6, 10, 9, 12
 
 
 def test_arith_shapes_and_constants():
-  task = tasks.ArithChain()
+  task = arith_task.ArithChain()
   assert (task.prompt_len, task.response_len, task.vocab_size) == (10, 25, 20)
-  assert (tasks.PLUS, tasks.TIMES, tasks.EQUALS, tasks.ARROW, tasks.QUERY) == (10, 11, 12, 14, 15)
-  assert (tasks.BOS, tasks.EOS, tasks.PAD, tasks.MASK) == (16, 17, 18, 19)
+  assert (arith_task.PLUS, arith_task.TIMES, arith_task.EQUALS, arith_task.ARROW, arith_task.QUERY) == (10, 11, 12, 14, 15)
+  assert (arith_task.BOS, arith_task.EOS, arith_task.PAD, arith_task.MASK) == (16, 17, 18, 19)
   g = task.generate(0, 64)
   assert g["prompt"].shape == (64, 10) and g["response"].shape == (64, 25) and g["answer"].shape == (64,)
   assert g["prompt"].dtype == np.int32 and g["response"].dtype == np.int32
@@ -28,10 +28,10 @@ def test_arith_shapes_and_constants():
 
 
 def test_arith_worked_example():
-  task = tasks.ArithChain()
+  task = arith_task.ArithChain()
   # The worked example is a valid trace, its answer is 35, and the other orders of the same prompt are valid too.
   assert task.is_valid_trace(WORKED_PROMPT, WORKED_RESPONSE)
-  assert tasks.parse_answer(WORKED_RESPONSE) == 35
+  assert arith_task.parse_answer(WORKED_RESPONSE) == 35
   text = task.render_text({"prompt": np.array(WORKED_PROMPT), "response": np.array(WORKED_RESPONSE)})
   assert text == "^37+5*3+9? -> 37+5=42 3*42=26 26+9=35 >35$"
   # The renderer used by the generator gives exactly these ids for a0 = 37, (+5, *3, +9), s = (0, 1, 0).
@@ -41,11 +41,11 @@ def test_arith_worked_example():
   assert ex["answer"][0] == 35 and ex["num_steps"][0] == 3
   one = task.render(99, [("*", 3)])
   assert task.render_text({k: v[0] for k, v in one.items()}) == "^99*3? -> 99*3=97 >97$"
-  assert one["response"][0, 10:].tolist() == [tasks.EOS] * 15 and one["prompt"][0, 6:].tolist() == [tasks.PAD] * 4
+  assert one["response"][0, 10:].tolist() == [arith_task.EOS] * 15 and one["prompt"][0, 6:].tolist() == [arith_task.PAD] * 4
 
 
 def test_arith_all_renderings_valid_and_counted():
-  task = tasks.ArithChain()
+  task = arith_task.ArithChain()
   blocks = [([3, 7, 10, 5, 12, 4, 2], [5, 10, 3, 7, 12, 4, 2]),
             ([4, 2, 11, 3, 12, 2, 6], [3, 11, 4, 2, 12, 2, 6]),
             ([2, 6, 10, 9, 12, 3, 5], [9, 10, 2, 6, 12, 3, 5])]
@@ -54,7 +54,7 @@ def test_arith_all_renderings_valid_and_counted():
   for choice in itertools.product((0, 1), repeat=3):
     resp = sum((blocks[j][c] for j, c in enumerate(choice)), []) + tail
     valid += task.is_valid_trace(WORKED_PROMPT, resp)
-    assert not tasks.ArithChain(swap=False).is_valid_trace(WORKED_PROMPT, resp) or choice == (0, 0, 0)
+    assert not arith_task.ArithChain(swap=False).is_valid_trace(WORKED_PROMPT, resp) or choice == (0, 0, 0)
   assert valid == 8
   # Mixing the two orders inside one step, a wrong result or a missing EOS breaks validity.
   bad = list(WORKED_RESPONSE)
@@ -64,13 +64,13 @@ def test_arith_all_renderings_valid_and_counted():
   bad[23] = 6
   assert not task.is_valid_trace(WORKED_PROMPT, bad)
   bad = list(WORKED_RESPONSE)
-  bad[24] = tasks.PAD
+  bad[24] = arith_task.PAD
   assert not task.is_valid_trace(WORKED_PROMPT, bad)
   assert not task.is_valid_trace([16, 3, 7, 10, 5, 11, 5, 10, 9, 15], WORKED_RESPONSE)  # '*5' is not a step
 
 
 def test_arith_generated_examples_are_valid_and_follow_the_law():
-  task = tasks.ArithChain()
+  task = arith_task.ArithChain()
   g = task.generate(1, 4000)
   assert task.valid_traces(g["prompt"][:300], g["response"][:300]).all()
   # The swap flags match the rendering: in a swapped step the operand comes first (slot 7j is a digit d, slot
@@ -78,30 +78,30 @@ def test_arith_generated_examples_are_valid_and_follow_the_law():
   for j in range(3):
     act = g["num_steps"] > j
     sw = g["swapped"][:, j] == 1
-    assert np.isin(g["response"][act & sw, 7 * j + 1], (tasks.PLUS, tasks.TIMES)).all()
-    assert np.isin(g["response"][act & ~sw, 7 * j + 2], (tasks.PLUS, tasks.TIMES)).all()
-  np.testing.assert_array_equal(tasks.parse_answers(g["response"]), g["answer"])
-  assert tasks.exact_match(g["response"], g["answer"]).all()
+    assert np.isin(g["response"][act & sw, 7 * j + 1], (arith_task.PLUS, arith_task.TIMES)).all()
+    assert np.isin(g["response"][act & ~sw, 7 * j + 2], (arith_task.PLUS, arith_task.TIMES)).all()
+  np.testing.assert_array_equal(arith_task.parse_answers(g["response"]), g["answer"])
+  assert arith_task.exact_match(g["response"], g["answer"]).all()
   k = g["num_steps"]
   assert set(np.unique(k)) == {1, 2, 3} and abs(np.mean(k == 1) - 1 / 3) < 0.03
   a0 = 10 * g["prompt"][:, 1] + g["prompt"][:, 2]
   assert a0.min() == 0 and a0.max() == 99
   ops = g["prompt"][:, 3]
   d = g["prompt"][:, 4]
-  assert set(np.unique(d[ops == tasks.PLUS])) == set(range(1, 10))
-  assert set(np.unique(d[ops == tasks.TIMES])) == {2, 3}
-  assert abs(np.mean(ops == tasks.TIMES) - 0.5) < 0.03
+  assert set(np.unique(d[ops == arith_task.PLUS])) == set(range(1, 10))
+  assert set(np.unique(d[ops == arith_task.TIMES])) == {2, 3}
+  assert abs(np.mean(ops == arith_task.TIMES) - 0.5) < 0.03
   s = g["swapped"][:, 0]
   assert abs(s.mean() - 0.5) < 0.03
   # Swapped steps only within the k drawn steps; swap=False never swaps.
   assert (g["swapped"][np.arange(3)[None, :] >= k[:, None]] == 0).all()
-  g2 = tasks.ArithChain(swap=False).generate(1, 500)
+  g2 = arith_task.ArithChain(swap=False).generate(1, 500)
   assert (g2["swapped"] == 0).all()
-  assert tasks.ArithChain(swap=False).valid_traces(g2["prompt"], g2["response"]).all()
+  assert arith_task.ArithChain(swap=False).valid_traces(g2["prompt"], g2["response"]).all()
 
 
 def test_arith_other_kmax():
-  task = tasks.ArithChain(kmax=5)
+  task = arith_task.ArithChain(kmax=5)
   g = task.generate(3, 300)
   assert g["prompt"].shape == (300, 14) and g["response"].shape == (300, 39)
   assert task.valid_traces(g["prompt"], g["response"]).all()
@@ -109,7 +109,7 @@ def test_arith_other_kmax():
 
 
 def test_arith_determinism_and_splits():
-  task = tasks.ArithChain()
+  task = arith_task.ArithChain()
   a, b = task.generate(7, 100), task.generate(7, 100)
   for key in a:
     np.testing.assert_array_equal(a[key], b[key])
@@ -129,27 +129,27 @@ def test_arith_determinism_and_splits():
 
 def test_parse_answer_bad_responses():
   good = list(WORKED_RESPONSE)
-  assert tasks.parse_answer(good) == 35
-  no_arrow = [t if t != tasks.ARROW else tasks.EQUALS for t in good]
-  assert tasks.parse_answer(no_arrow) == -1
+  assert arith_task.parse_answer(good) == 35
+  no_arrow = [t if t != arith_task.ARROW else arith_task.EQUALS for t in good]
+  assert arith_task.parse_answer(no_arrow) == -1
   non_digit = list(good)
-  non_digit[22] = tasks.MASK
-  assert tasks.parse_answer(non_digit) == -1
-  at_end = [tasks.EOS] * 23 + [tasks.ARROW, 4]
-  assert tasks.parse_answer(at_end) == -1
-  assert tasks.parse_answer([tasks.ARROW, 0, 7] + [tasks.EOS] * 22) == 7
+  non_digit[22] = arith_task.MASK
+  assert arith_task.parse_answer(non_digit) == -1
+  at_end = [arith_task.EOS] * 23 + [arith_task.ARROW, 4]
+  assert arith_task.parse_answer(at_end) == -1
+  assert arith_task.parse_answer([arith_task.ARROW, 0, 7] + [arith_task.EOS] * 22) == 7
   # The FIRST '>' counts.
-  two = [tasks.ARROW, 1, 2, tasks.ARROW, 3, 4] + [tasks.EOS] * 19
-  assert tasks.parse_answer(two) == 12
+  two = [arith_task.ARROW, 1, 2, arith_task.ARROW, 3, 4] + [arith_task.EOS] * 19
+  assert arith_task.parse_answer(two) == 12
   preds = np.array([good, no_arrow, two])
-  np.testing.assert_array_equal(tasks.exact_match(preds, [35, 35, 34]), [True, False, False])
+  np.testing.assert_array_equal(arith_task.exact_match(preds, [35, 35, 34]), [True, False, False])
 
 
 # ------------------------------------------------------------------------------------------------ HMM-16
 
 
 def test_hmm16_parameters():
-  hmm = tasks.HMM16()
+  hmm = hmm_task.HMM16()
   np.testing.assert_allclose(hmm.A.sum(0), 1.0)
   np.testing.assert_allclose(hmm.A.sum(1), 1.0)
   np.testing.assert_allclose(hmm.B.sum(1), 1.0)
@@ -166,7 +166,7 @@ def test_hmm16_parameters():
 
 
 def test_hmm16_log_prob_matches_brute_force():
-  hmm = tasks.HMM16()
+  hmm = hmm_task.HMM16()
   x = hmm.sample(0, 5, 4)
   for h in (hmm, hmm.smoothed()):
     lp = h.log_prob(x)
@@ -189,7 +189,7 @@ def test_hmm16_log_prob_matches_brute_force():
 
 
 def test_hmm16_entropy_rate_and_uniform_score():
-  hmm = tasks.HMM16()
+  hmm = hmm_task.HMM16()
   x = hmm.sample(1, 2000, 32)
   assert x.dtype == np.int32 and x.min() >= 0 and x.max() <= 15
   nll = -hmm.log_prob(x) / 32
@@ -203,7 +203,7 @@ def test_hmm16_entropy_rate_and_uniform_score():
 
 def test_hmm16_sample_from_jax_key():
   jax = pytest.importorskip("jax")
-  hmm = tasks.HMM16()
+  hmm = hmm_task.HMM16()
   a = hmm.sample(jax.random.key(3), 4, 8)
   np.testing.assert_array_equal(a, hmm.sample(jax.random.key(3), 4, 8))
   np.testing.assert_array_equal(a, hmm.sample(jax.random.PRNGKey(3), 4, 8))
@@ -211,17 +211,17 @@ def test_hmm16_sample_from_jax_key():
 
 
 def test_hmm16_variable_length():
-  vl = tasks.HMM16VarLen()
+  vl = hmm_task.HMM16VarLen()
   x, lengths = vl.sample(5, 4000)
   assert x.shape == (4000, 32) and lengths.min() == 8 and lengths.max() == 32
   np.testing.assert_array_equal(vl.lengths_of(x), lengths)
-  assert (x[np.arange(32)[None, :] >= lengths[:, None]] == tasks.HMM_PAD).all()
+  assert (x[np.arange(32)[None, :] >= lengths[:, None]] == hmm_task.HMM_PAD).all()
   lp = vl.log_prob(x)
   np.testing.assert_allclose(lp, vl.hmm.log_prob(x, lengths) + math.log(1 / 25), rtol=1e-12)
   assert lengths.mean() == pytest.approx(20, abs=0.3)
   assert -lp.sum() / lengths.sum() == pytest.approx(1.958, abs=0.03)
   short = x[:1].copy()
-  short[0, 5:] = tasks.HMM_PAD
+  short[0, 5:] = hmm_task.HMM_PAD
   assert vl.log_prob(short)[0] == -np.inf  # length 5 < 8
   assert np.isfinite(vl.smoothed().log_prob(x[:10])).all()
 
@@ -242,14 +242,14 @@ def _write(tmp_path, lines):
 def test_jsonl_loads_examples(tmp_path):
   path = _write(tmp_path, [json.dumps({"prompt": "ab", "response": "cde"}), "",
                            json.dumps({"prompt": "", "response": "xyz", "extra": 1})])
-  ex = tasks.load_prompt_response_jsonl(path, _encode, max_len=5)
+  ex = sft_task.load_prompt_response_jsonl(path, _encode, max_len=5)
   assert len(ex) == 2
   np.testing.assert_array_equal(ex[0]["prompt"], [97, 98])
   np.testing.assert_array_equal(ex[0]["response"], [99, 100, 101])
   assert ex[0]["prompt"].dtype == np.int32
   assert (ex[1]["example_id"], ex[1]["line"], ex[1]["prompt"].size) == (1, 3, 0)
   path2 = _write(tmp_path, [json.dumps({"q": "a", "a": "b"})])
-  ex2 = tasks.load_prompt_response_jsonl(path2, _encode, max_len=5, prompt_key="q", response_key="a")
+  ex2 = sft_task.load_prompt_response_jsonl(path2, _encode, max_len=5, prompt_key="q", response_key="a")
   np.testing.assert_array_equal(ex2[0]["response"], [98])
 
 
@@ -265,13 +265,13 @@ def test_jsonl_errors_name_file_and_line(tmp_path, bad_line, match):
   good = json.dumps({"prompt": "a", "response": "b"})
   path = _write(tmp_path, [good, "", good, bad_line, good])
   with pytest.raises(ValueError, match=match) as err:
-    tasks.load_prompt_response_jsonl(path, _encode, max_len=5)
+    sft_task.load_prompt_response_jsonl(path, _encode, max_len=5)
   assert f"{path}:4:" in str(err.value)
 
 
 def test_jsonl_empty_and_missing_file(tmp_path):
   path = _write(tmp_path, ["", "  "])
   with pytest.raises(ValueError, match="no examples"):
-    tasks.load_prompt_response_jsonl(path, _encode, max_len=5)
+    sft_task.load_prompt_response_jsonl(path, _encode, max_len=5)
   with pytest.raises(FileNotFoundError):
-    tasks.load_prompt_response_jsonl(tmp_path / "missing.jsonl", _encode, max_len=5)
+    sft_task.load_prompt_response_jsonl(tmp_path / "missing.jsonl", _encode, max_len=5)

@@ -8,11 +8,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dlm_jax import api
-from dlm_jax import checkpoint as ckpt_lib
-from dlm_jax import experiment as exp_lib
+from dlm_jax.run import api
+from dlm_jax.run import checkpoint as ckpt_lib
+from dlm_jax.run import experiment as exp_lib
 from dlm_jax import parallel
-from dlm_jax import trainer
+from dlm_jax.run import trainer
 from dlm_jax.methods import mdlm as mdlm_method
 from tests.tiny import tiny_config
 

@@ -9,7 +9,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dlm_jax.diffusion import trims
+from dlm_jax.trims import buckets as trims_buckets
+from dlm_jax.trims import loss as trims_loss
+from dlm_jax.trims import masks as trims_masks
+from dlm_jax.trims import metrics as trims_metrics
+from dlm_jax.trims import scoring as trims_scoring
+from dlm_jax import metrics as metrics_lib
+from dlm_jax.diffusion import keys as keys_lib
 
 D_K4 = (0.1, 2.3, 0.0, 1.5, 0.7, 3.0, 0.2, 0.05)
 B_K4 = (3, 1, 4, 2, 2, 1, 3, 4)
@@ -18,38 +24,38 @@ K8_FRACTIONS = (0.95, 0.8375, 0.725, 0.6125, 0.5, 0.3875, 0.275, 0.1625)
 
 @functools.partial(jax.jit, static_argnames=("K", "k_law"))
 def _trims_batch(keys, buckets, K, k_law="uniform"):
-  return trims.trims_mask_batch(keys, buckets, K=K, k_law=k_law)
+  return trims_masks.trims_mask_batch(keys, buckets, K=K, k_law=k_law)
 
 
 # ------------------------------------------------------------------------------------------------ buckets
 
 
 def test_buckets_k4_oracle_and_easy_first():
-  b = trims.assign_buckets(D_K4, None, K=4)
+  b = trims_buckets.assign_buckets(D_K4, None, K=4)
   assert b.dtype == np.int8
   np.testing.assert_array_equal(b, B_K4)
-  np.testing.assert_array_equal(trims.assign_buckets(D_K4, None, K=4, order="easy_first"), (2, 4, 1, 3, 3, 4, 2, 1))
+  np.testing.assert_array_equal(trims_buckets.assign_buckets(D_K4, None, K=4, order="easy_first"), (2, 4, 1, 3, 3, 4, 2, 1))
 
 
 def test_buckets_ties_earlier_slot_is_harder():
-  np.testing.assert_array_equal(trims.assign_buckets([1.0, 1.0, 0.5, 0.5], None, K=2), (1, 1, 2, 2))
+  np.testing.assert_array_equal(trims_buckets.assign_buckets([1.0, 1.0, 0.5, 0.5], None, K=2), (1, 1, 2, 2))
   # All equal: pure slot order.
-  np.testing.assert_array_equal(trims.assign_buckets(np.zeros(4), None, K=4), (1, 2, 3, 4))
+  np.testing.assert_array_equal(trims_buckets.assign_buckets(np.zeros(4), None, K=4), (1, 2, 3, 4))
 
 
 def test_bucket_sizes():
-  np.testing.assert_array_equal(trims.bucket_sizes(trims.assign_buckets(np.arange(5.0), None, K=2), 2), (3, 2))
+  np.testing.assert_array_equal(trims_buckets.bucket_sizes(trims_buckets.assign_buckets(np.arange(5.0), None, K=2), 2), (3, 2))
   rng = np.random.default_rng(0)
-  b = trims.assign_buckets(rng.random(25), None, K=8)
-  np.testing.assert_array_equal(trims.bucket_sizes(b, 8), (4, 3, 3, 3, 3, 3, 3, 3))
+  b = trims_buckets.assign_buckets(rng.random(25), None, K=8)
+  np.testing.assert_array_equal(trims_buckets.bucket_sizes(b, 8), (4, 3, 3, 3, 3, 3, 3, 3))
 
 
 def test_buckets_invalid_slots_are_zero_and_ranked_among_valid_only():
   d = np.array([9.0, 0.1, 2.3, 0.0, 1.5, 0.7, 3.0, 0.2, 0.05, 9.0])
   valid = np.array([False] + [True] * 8 + [False])
-  b = trims.assign_buckets(d, valid, K=4)
+  b = trims_buckets.assign_buckets(d, valid, K=4)
   np.testing.assert_array_equal(b, (0,) + B_K4 + (0,))
-  assert (trims.assign_buckets(d, np.zeros(10, bool), K=4) == 0).all()
+  assert (trims_buckets.assign_buckets(d, np.zeros(10, bool), K=4) == 0).all()
 
 
 def test_buckets_batched_matches_rows_and_jnp_version():
@@ -57,10 +63,10 @@ def test_buckets_batched_matches_rows_and_jnp_version():
   d = np.round(rng.random((6, 13)) * 4) / 4  # many ties
   valid = rng.random((6, 13)) < 0.8
   for order in ("hard_first", "easy_first"):
-    batched = trims.assign_buckets(d, valid, K=4, order=order)
-    rows = np.stack([trims.assign_buckets(d[i], valid[i], K=4, order=order) for i in range(6)])
+    batched = trims_buckets.assign_buckets(d, valid, K=4, order=order)
+    rows = np.stack([trims_buckets.assign_buckets(d[i], valid[i], K=4, order=order) for i in range(6)])
     np.testing.assert_array_equal(batched, rows)
-    np.testing.assert_array_equal(np.asarray(trims.assign_buckets_jnp(d, valid, K=4, order=order)), batched)
+    np.testing.assert_array_equal(np.asarray(trims_buckets.assign_buckets_jnp(d, valid, K=4, order=order)), batched)
 
 
 def test_buckets_random_order_is_seeded_permutation_of_hard_first():
@@ -68,23 +74,23 @@ def test_buckets_random_order_is_seeded_permutation_of_hard_first():
   d = rng.random((3, 25))
   valid = np.ones((3, 25), bool)
   valid[:, 20:] = False
-  hard = trims.assign_buckets(d, valid, K=8)
-  rnd = trims.assign_buckets(d, valid, K=8, order="random", seed=[5, 6, 7])
+  hard = trims_buckets.assign_buckets(d, valid, K=8)
+  rnd = trims_buckets.assign_buckets(d, valid, K=8, order="random", seed=[5, 6, 7])
   for i in range(3):
     np.testing.assert_array_equal(np.sort(rnd[i]), np.sort(hard[i]))
   assert (rnd[:, 20:] == 0).all()
   assert not np.array_equal(rnd, hard)
-  np.testing.assert_array_equal(trims.assign_buckets(d[1], valid[1], K=8, order="random", seed=6), rnd[1])
-  assert not np.array_equal(trims.assign_buckets(d[1], valid[1], K=8, order="random", seed=5), rnd[1])
+  np.testing.assert_array_equal(trims_buckets.assign_buckets(d[1], valid[1], K=8, order="random", seed=6), rnd[1])
+  assert not np.array_equal(trims_buckets.assign_buckets(d[1], valid[1], K=8, order="random", seed=5), rnd[1])
   with pytest.raises(ValueError, match="seed"):
-    trims.assign_buckets(d, valid, K=8, order="random")
+    trims_buckets.assign_buckets(d, valid, K=8, order="random")
 
 
 def test_buckets_reject_bad_input():
   with pytest.raises(ValueError, match="order"):
-    trims.assign_buckets(D_K4, None, K=4, order="hardest")
+    trims_buckets.assign_buckets(D_K4, None, K=4, order="hardest")
   with pytest.raises(ValueError, match="NaN"):
-    trims.assign_buckets([1.0, float("nan")], None, K=2)
+    trims_buckets.assign_buckets([1.0, float("nan")], None, K=2)
 
 
 # ------------------------------------------------------------------------------------------------ masks
@@ -93,7 +99,7 @@ def test_buckets_reject_bad_input():
 @pytest.mark.parametrize("k,expected_context,expected_count", [
     (0, (), 7.6), (1, (1, 5), 5.8), (2, (1, 3, 4, 5), 4.0), (3, (0, 1, 3, 4, 5, 6), 2.2)])
 def test_mask_probabilities_k4(k, expected_context, expected_count):
-  p = np.asarray(trims.trims_mask_probs(jnp.asarray(B_K4), k))
+  p = np.asarray(trims_masks.trims_mask_probs(jnp.asarray(B_K4), k))
   want = np.full(8, 0.95, np.float32)
   want[list(expected_context)] = 0.05
   np.testing.assert_allclose(p, want, rtol=1e-6)
@@ -101,10 +107,10 @@ def test_mask_probabilities_k4(k, expected_context, expected_count):
 
 
 def test_k8_masked_fraction_table_and_mean():
-  buckets = jnp.asarray(trims.assign_buckets(np.random.default_rng(0).random(24), None, K=8))  # equal buckets of 3
-  fr = [float(trims.trims_mask_probs(buckets, k).mean()) for k in range(8)]
+  buckets = jnp.asarray(trims_buckets.assign_buckets(np.random.default_rng(0).random(24), None, K=8))  # equal buckets of 3
+  fr = [float(trims_masks.trims_mask_probs(buckets, k).mean()) for k in range(8)]
   np.testing.assert_allclose(fr, K8_FRACTIONS, atol=1e-6)
-  np.testing.assert_allclose(np.asarray(trims.nominal_masked_fraction(jnp.arange(8), 8)), K8_FRACTIONS, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(trims_masks.nominal_masked_fraction(jnp.arange(8), 8)), K8_FRACTIONS, atol=1e-6)
   assert np.mean(fr) == pytest.approx(0.55625, abs=1e-6)
   # Monte Carlo over the uniform k law.
   keys = jax.random.split(jax.random.key(0), 20000)
@@ -122,12 +128,24 @@ def _random_buckets(seed, n=512, r=40, K=8):
   pos = np.arange(r)[None, :]
   start, stop = rng.integers(0, r // 2, (n, 1)), rng.integers(r // 2, r + 1, (n, 1))
   valid = (pos >= start) & (pos < stop) & (rng.random((n, r)) < 0.9)
-  return trims.assign_buckets(rng.random((n, r)), valid, K=K)
+  return trims_buckets.assign_buckets(rng.random((n, r)), valid, K=K)
 
 
-@functools.partial(jax.jit, static_argnames=("name",))
-def _scheme_apply(keys, buckets, name):
-  return trims.masking_for(name).apply(keys, buckets)
+def _standard_corrupt(buckets, seed, time_sampling="example"):
+  """Standard SFT masking as training runs it: MDLM.corrupt of the S arm's config on rows whose
+  maskable slots are buckets > 0. Returns (is_masked [N, R], t [N]) as numpy."""
+  from configs import arith_sft_standard  # pylint: disable=g-import-not-at-top
+  from dlm_jax.methods.base import SpecialIds  # pylint: disable=g-import-not-at-top
+  from dlm_jax.methods.mdlm import MDLM  # pylint: disable=g-import-not-at-top
+  cfg = arith_sft_standard.get_config()
+  cfg.diffusion.time_sampling = time_sampling
+  method = MDLM(cfg, SpecialIds(bos=16, eos=17, mask=19, pad=18, vocab_size=20))
+  n, r = buckets.shape
+  batch = dict(tokens=jnp.zeros((n, r), jnp.int32), segment_ids=jnp.ones((n, r), jnp.int32),
+               positions=jnp.broadcast_to(jnp.arange(r, dtype=jnp.int32), (n, r)),
+               maskable=jnp.asarray(buckets) > 0, example_id=jnp.arange(n, dtype=jnp.int32))
+  _, is_masked, t, _ = jax.jit(method.corrupt)(batch, jax.random.key(seed))
+  return np.asarray(is_masked), np.asarray(t)
 
 
 def test_mask_never_touches_bucket0_property():
@@ -139,8 +157,8 @@ def test_mask_never_touches_bucket0_property():
       mask = np.asarray(mask)
       assert not mask[buckets == 0].any()
       assert mask[buckets > 0].any() and not mask[buckets > 0].all()
-    m, t = _scheme_apply(keys, jnp.asarray(buckets), name="random")
-    assert not np.asarray(m)[buckets == 0].any() and t.shape == (512,)
+    m, t = _standard_corrupt(buckets, seed)
+    assert not m[buckets == 0].any() and m[buckets > 0].any() and t.shape == (512,)
 
 
 def test_empirical_mask_rate_per_bucket_and_k():
@@ -160,7 +178,7 @@ def test_empirical_mask_rate_per_bucket_and_k():
 
 
 def test_tied_to_t_law():
-  np.testing.assert_array_equal(np.asarray(trims.k_from_t(jnp.array([0.99, 0.6, 0.3, 0.05, 1e-3]), 8)),
+  np.testing.assert_array_equal(np.asarray(trims_masks.k_from_t(jnp.array([0.99, 0.6, 0.3, 0.05, 1e-3]), 8)),
                                 (0, 3, 5, 7, 7))
   keys = jax.random.split(jax.random.key(5), 512)
   _, k, t = _trims_batch(keys, jnp.asarray(_random_buckets(0)), K=8, k_law="tied_to_t")
@@ -170,52 +188,52 @@ def test_tied_to_t_law():
 
 
 def test_standard_mask_rate_follows_t():
-  keys = jax.random.split(jax.random.key(2), 512)
+  """The control arms' masking (MDLM.corrupt, the production path): never the prompt, each
+  maskable slot masked with probability t, with t per example or stratified over the batch."""
   buckets = np.ones((512, 40), np.int8)
   buckets[:, :10] = 0  # a prompt
-  mask, t = _scheme_apply(keys, jnp.asarray(buckets), name="random")
-  mask, t = np.asarray(mask), np.asarray(t)
-  assert not mask[:, :10].any()
-  assert t.min() >= 1e-3 and t.max() < 1.0
-  # Masked fraction per example ~ t (binomial noise over 30 slots).
-  assert np.corrcoef(mask[:, 10:].mean(1), t)[0, 1] > 0.9
-  assert mask[:, 10:].mean() == pytest.approx(t.mean(), abs=0.02)
-  # standard_mask itself: same law as the scheme.
-  m1, t1 = trims.standard_mask(keys[0], jnp.asarray(buckets[0]) > 0)
-  np.testing.assert_array_equal(np.asarray(m1), mask[0])
-  assert float(t1) == pytest.approx(t[0])
+  for law in ("example", "stratified"):
+    mask, t = _standard_corrupt(buckets, 2, time_sampling=law)
+    assert not mask[:, :10].any()
+    assert t.min() >= 1e-3 and t.max() < 1.0
+    # Masked fraction per example ~ t (binomial noise over 30 slots).
+    assert np.corrcoef(mask[:, 10:].mean(1), t)[0, 1] > 0.9
+    assert mask[:, 10:].mean() == pytest.approx(t.mean(), abs=0.02)
+  # Stratified: exactly one t per stratum of the global batch (spec O6 property).
+  strata = np.floor((t - 1e-3) / (1 - 1e-3) * 512).astype(int)
+  np.testing.assert_array_equal(np.sort(strata), np.arange(512))
 
 
 def test_example_keys_independent_of_batch_order():
   base = jax.random.key(42)
   ids = jnp.arange(1000, 1512, dtype=jnp.int32)
   buckets = jnp.asarray(_random_buckets(4))
-  step = jnp.int32(7)
-  m1, k1, _ = _trims_batch(trims.example_keys(base, step, ids), buckets, K=8)
-  m2, k2, _ = _trims_batch(trims.example_keys(base, step, ids[::-1]), buckets[::-1], K=8)
+  step_key = jax.random.fold_in(base, jnp.int32(7))
+  m1, k1, _ = _trims_batch(keys_lib.example_keys(step_key, ids), buckets, K=8)
+  m2, k2, _ = _trims_batch(keys_lib.example_keys(step_key, ids[::-1]), buckets[::-1], K=8)
   np.testing.assert_array_equal(np.asarray(m2), np.asarray(m1)[::-1])
   np.testing.assert_array_equal(np.asarray(k2), np.asarray(k1)[::-1])
   perm = np.random.default_rng(0).permutation(512)
-  m3, _, _ = _trims_batch(trims.example_keys(base, step, ids[perm]), buckets[perm], K=8)
+  m3, _, _ = _trims_batch(keys_lib.example_keys(step_key, ids[perm]), buckets[perm], K=8)
   np.testing.assert_array_equal(np.asarray(m3), np.asarray(m1)[perm])
   # Another step: different masks.
-  m4, _, _ = _trims_batch(trims.example_keys(base, jnp.int32(8), ids), buckets, K=8)
+  m4, _, _ = _trims_batch(keys_lib.example_keys(jax.random.fold_in(base, 8), ids), buckets, K=8)
   assert not np.array_equal(np.asarray(m4), np.asarray(m1))
   # Raw uint32 keys work too, and the key equals fold_in(fold_in(base, step), id).
-  raw = trims.example_keys(jax.random.PRNGKey(42), 7, ids[:2])
+  raw = keys_lib.example_keys(jax.random.fold_in(jax.random.PRNGKey(42), 7), ids[:2])
   np.testing.assert_array_equal(np.asarray(raw[0]),
                                 np.asarray(jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(42), 7), 1000)))
 
 
 def test_masking_for_names():
-  assert trims.masking_for("random").law == "standard" and trims.masking_for("random").bucket_order is None
-  assert trims.masking_for("standard") == trims.masking_for("random")
-  assert trims.masking_for("trims").bucket_order == "hard_first"
-  assert trims.masking_for("trims_easy_first").bucket_order == "easy_first"
-  assert trims.masking_for("random_buckets").bucket_order == "random"
-  assert all(trims.masking_for(n).law == "trims" for n in ("trims", "trims_easy_first", "random_buckets"))
+  assert trims_masks.masking_for("random").law == "standard" and trims_masks.masking_for("random").bucket_order is None
+  assert trims_masks.masking_for("standard") == trims_masks.masking_for("random")
+  assert trims_masks.masking_for("trims").bucket_order == "hard_first"
+  assert trims_masks.masking_for("trims_easy_first").bucket_order == "easy_first"
+  assert trims_masks.masking_for("random_buckets").bucket_order == "random"
+  assert all(trims_masks.masking_for(n).law == "trims" for n in ("trims", "trims_easy_first", "random_buckets"))
   with pytest.raises(ValueError, match="random_buckets"):
-    trims.masking_for("trims_hard")
+    trims_masks.masking_for("trims_hard")
 
 
 # ------------------------------------------------------------------------------------------------ loss
@@ -228,37 +246,42 @@ def _loss_case():
   mask = jnp.asarray([[1, 0, 1, 0, 0, 0], [1, 1, 1, 1, 0, 0], [0, 0, 0, 0, 0, 0]], bool)
   valid = jnp.asarray([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1], [1, 1, 0, 0, 0, 0]], bool)
   t = jnp.asarray([0.5, 0.25, 0.8])
-  lp = jax.nn.log_softmax(np.asarray(logits, np.float32), -1)
+  # CE with the [MASK] column (id 6, never a target) left out of the softmax (SUBS).
+  lp = jax.nn.log_softmax(np.asarray(logits, np.float32)[..., :6], -1)
   ce = -np.take_along_axis(np.asarray(lp), np.asarray(targets)[..., None], -1)[..., 0] * np.asarray(mask)
   return logits, targets, mask, valid, t, ce
 
 
 def test_sft_loss_reductions():
+  """Uniform weighting (TRIMS): token = masked-slot mean over the batch, sequence = mean of per-row
+  masked means; the 1/t-weighted forms are the MDLM NELBO (`mdlm_loss`), checked against it."""
+  from dlm_jax.diffusion import masked, schedules  # pylint: disable=g-import-not-at-top
   logits, targets, mask, valid, t, ce = _loss_case()
   tt = np.asarray(t)
   cs = ce.sum(1)
-  cases = {
-      ("uniform", "token"): cs.sum() / 6,
-      ("uniform", "sequence"): np.mean([cs[0] / 2, cs[1] / 4, 0.0]),
-      ("inv_t", "token"): (cs / tt).sum() / 12,
-      ("inv_t", "sequence"): np.mean([cs[0] / tt[0] / 4, cs[1] / tt[1] / 6, 0.0]),
-  }
-  for (w, n), want in cases.items():
-    loss, aux = trims.sft_loss(logits, targets, mask, t, weighting=w, normalize=n, valid=valid)
+  for n, want in (("token", cs.sum() / 6), ("sequence", np.mean([cs[0] / 2, cs[1] / 4, 0.0]))):
+    loss, aux = trims_loss.sft_loss(logits, targets, mask, mask_id=6, normalize=n)
     assert loss.dtype == jnp.float32
-    assert float(loss) == pytest.approx(want, rel=1e-5), (w, n)
-    assert float(aux["num_masked"]) == 6 and float(aux["ce"]) == pytest.approx(cs.sum() / 6, rel=1e-5)
+    assert float(loss) == pytest.approx(want, rel=1e-5), n
+    assert float(aux["num_masked"]) == 6 and float(aux["ce_sum"]) == pytest.approx(cs.sum(), rel=1e-5)
+  for n, want in (("token", (cs / tt).sum() / 12),
+                  ("sequence", np.mean([cs[0] / tt[0] / 4, cs[1] / tt[1] / 6, 0.0]))):
+    loss, _ = masked.mdlm_loss(logits, targets, mask, t, schedules.LogLinearSchedule(), valid, 6, n)
+    assert float(loss) == pytest.approx(want, rel=1e-5), n
 
 
 def test_sft_loss_mask_id_and_empty_mask():
   logits, targets, mask, valid, t, _ = _loss_case()
-  loss0, _ = trims.sft_loss(logits, targets, jnp.zeros_like(mask), t, weighting="inv_t", normalize="sequence")
+  loss0, _ = trims_loss.sft_loss(logits, targets, jnp.zeros_like(mask), 6, normalize="sequence")
   assert float(loss0) == 0.0
-  # Removing the [MASK] column (id 6, never a target here) lowers every CE.
-  la, _ = trims.sft_loss(logits, targets, mask, t)
-  lb, _ = trims.sft_loss(logits, targets, mask, t, mask_id=6)
-  assert np.isfinite(float(lb)) and float(lb) < float(la)
-  g = jax.grad(lambda f: trims.sft_loss(f, targets, mask, t, mask_id=6)[0])(logits.astype(jnp.float32))
+  # The [MASK] column (id 6, never a target here) is left out of the softmax, which lowers the
+  # CE compared with keeping it.
+  lb, _ = trims_loss.sft_loss(logits, targets, mask, mask_id=6)
+  lp = jax.nn.log_softmax(np.asarray(logits, np.float32), -1)
+  keep = -np.take_along_axis(np.asarray(lp), np.asarray(targets)[..., None], -1)[..., 0]
+  with_mask_col = float((keep * np.asarray(mask)).sum() / 6)
+  assert np.isfinite(float(lb)) and float(lb) < with_mask_col
+  g = jax.grad(lambda f: trims_loss.sft_loss(f, targets, mask, mask_id=6)[0])(logits.astype(jnp.float32))
   assert np.isfinite(np.asarray(g)).all()
 
 
@@ -274,18 +297,18 @@ def test_teacher_token_nll_uses_previous_position():
   table, fn = _bigram_teacher()
   tokens = jnp.asarray([[0, 3, 1, 4, 2], [2, 2, 0, 1, 3]])
   rmask = jnp.asarray([[0, 0, 1, 1, 1], [0, 1, 1, 1, 0]], bool)
-  nll = np.asarray(trims.teacher_token_nll(fn, tokens, rmask))
+  nll = np.asarray(trims_scoring.teacher_token_nll(fn, tokens, rmask))
   lp = np.asarray(jax.nn.log_softmax(table, -1))
   tok = np.asarray(tokens)
   for b in range(2):
     for i in range(5):
       want = -lp[tok[b, i - 1], tok[b, i]] if rmask[b, i] else 0.0
       assert nll[b, i] == pytest.approx(want, rel=1e-5)
-  ent = np.asarray(trims.teacher_token_entropy(fn, tokens, rmask))
+  ent = np.asarray(trims_scoring.teacher_token_entropy(fn, tokens, rmask))
   h = -(np.exp(lp) * lp).sum(-1)
   assert ent[0, 3] == pytest.approx(h[tok[0, 2]], rel=1e-5) and ent[0, 1] == 0.0
-  scores = np.asarray(trims.teacher_response_scores(fn, tokens[:, :2], tokens[:, 2:]))
-  np.testing.assert_allclose(scores, np.asarray(trims.teacher_token_nll(fn, tokens, jnp.ones((2, 5), bool)))[:, 2:],
+  scores = np.asarray(trims_scoring.teacher_response_scores(fn, tokens[:, :2], tokens[:, 2:]))
+  np.testing.assert_allclose(scores, np.asarray(trims_scoring.teacher_token_nll(fn, tokens, jnp.ones((2, 5), bool)))[:, 2:],
                              rtol=1e-6)
 
 
@@ -294,16 +317,16 @@ def test_teacher_token_nll_uses_previous_position():
 
 def test_aup_oracle(caplog):
   tpf, acc = [1, 2, 3, 4], [80, 79, 76, 70]
-  np.testing.assert_allclose(trims.aup_weight([79, 76], 80), (0.963194, 0.860708), atol=1e-6)
+  np.testing.assert_allclose(trims_metrics.aup_weight([79, 76], 80), (0.963194, 0.860708), atol=1e-6)
   with caplog.at_level(logging.WARNING):
-    assert trims.aup(tpf, acc, y_max=80) == pytest.approx(228.7993, abs=1e-4)
+    assert trims_metrics.aup(tpf, acc, y_max=80) == pytest.approx(228.7993, abs=1e-4)
   assert "dropping 1 point" in caplog.text
-  assert trims.aup(tpf, acc, y_max=82) == pytest.approx(218.4764, abs=1e-4)
+  assert trims_metrics.aup(tpf, acc, y_max=82) == pytest.approx(218.4764, abs=1e-4)
   # Order of the points does not matter; a single point is rho * y.
-  assert trims.aup(tpf[::-1], acc[::-1], y_max=80) == pytest.approx(228.7993, abs=1e-4)
-  assert trims.aup([1.0], [50.0], y_max=80) == pytest.approx(50.0)
+  assert trims_metrics.aup(tpf[::-1], acc[::-1], y_max=80) == pytest.approx(228.7993, abs=1e-4)
+  assert trims_metrics.aup([1.0], [50.0], y_max=80) == pytest.approx(50.0)
   with pytest.raises(ValueError):
-    trims.aup([], [], y_max=80)
+    trims_metrics.aup([], [], y_max=80)
 
 
 def test_reveal_rank_correlation():
@@ -311,7 +334,7 @@ def test_reveal_rank_correlation():
   hard_first = np.array([0, 1, 2, 3, 9])
   rows = np.stack([hard_first, hard_first[[3, 2, 1, 0, 4]], np.zeros(5), hard_first])
   # Rows: +1, -1, (constant passes: left out), spearman((0,1,2,3), (3,1,2,4)) = 0.4.
-  assert trims.reveal_rank_correlation(rows, bucket) == pytest.approx((1 - 1 + 0.4) / 3)
-  assert trims.reveal_rank_correlation(rows[:1], bucket[:1]) == pytest.approx(1.0)
-  assert math.isnan(trims.reveal_rank_correlation(rows[2:3], bucket[2:3]))
-  assert trims.spearman([1, 2, 2, 3], [1, 2, 3, 4]) == pytest.approx(0.9486833, abs=1e-6)
+  assert trims_metrics.reveal_rank_correlation(rows, bucket) == pytest.approx((1 - 1 + 0.4) / 3)
+  assert trims_metrics.reveal_rank_correlation(rows[:1], bucket[:1]) == pytest.approx(1.0)
+  assert math.isnan(trims_metrics.reveal_rank_correlation(rows[2:3], bucket[2:3]))
+  assert metrics_lib.spearman([1, 2, 2, 3], [1, 2, 3, 4]) == pytest.approx(0.9486833, abs=1e-6)

@@ -14,13 +14,14 @@ from configs import arith_sft_standard
 from configs import arith_sft_standard_uniform
 from configs import arith_sft_trims
 from configs import arith_teacher
-from dlm_jax import api
-from dlm_jax import experiment as exp_lib
+from dlm_jax.run import api
+from dlm_jax.run import experiment as exp_lib
 from dlm_jax import parallel
 from dlm_jax import score_difficulty
-from dlm_jax import trainer
-from dlm_jax.data import task_pipeline
-from dlm_jax.data import tasks
+from dlm_jax.data.tasks import sft as sft_lib
+from dlm_jax.run import trainer
+from dlm_jax.data.tasks import arith as task_pipeline
+from dlm_jax.data.tasks import arith as arith_task
 from dlm_jax.data import tokenizers
 from tests.tiny import apply_overrides
 
@@ -46,16 +47,16 @@ def _shrink(c, **overrides):
 def scored_set(tmp_path_factory):
   """A scored ARITH-CHAIN set with synthetic difficulty scores (no teacher needed)."""
   path = str(tmp_path_factory.mktemp("sft") / "sft.npz")
-  data = score_difficulty.arith_set("arith:seed=11,n=64")
+  data = arith_task.arith_set("arith:seed=11,n=64")
   nll = np.random.default_rng(0).gamma(0.5, 1.0, data.response.shape).astype(np.float32)
-  score_difficulty.write_scored_set(path, data, nll, 8, dict(data=data.spec))
+  sft_lib.write_scored_set(path, data, nll, 8, dict(data=data.spec))
   return path
 
 
 def _sft_config(masking, path, **overrides):
   base = arith_sft_standard if masking == "random" else arith_sft_trims
   c = base.get_config()
-  c.diffusion.masking = masking
+  c.trims.masking = masking
   c.data.path = path
   c.train.init_from = ""
   return _shrink(c, **overrides)
@@ -108,7 +109,7 @@ def test_masks_identical_on_1_and_8_devices_and_prompt_never_masked(masking, sco
   assert l1 == pytest.approx(l8, rel=1e-5)
   assert m1.any() and not m1[:, :P].any()  # something masked, never in the prompt
   np.testing.assert_array_equal(xt1[:, :P], batch["tokens"][:, :P])
-  np.testing.assert_array_equal(np.where(m1, tasks.MASK, batch["tokens"]), xt1)
+  np.testing.assert_array_equal(np.where(m1, arith_task.MASK, batch["tokens"]), xt1)
 
 
 @pytest.mark.parametrize("masking", MASKINGS)
@@ -180,19 +181,20 @@ def test_resume_gives_identical_parameters(masking, scored_set, tmp_path):
 def test_sft_weighting_uniform_is_masked_token_mean(scored_set):
   """S-u: mean CE over masked slots; S: (1/B) sum_b (1/t_b) sum CE / n_b (they differ)."""
   exp_u = exp_lib.Experiment.create(_sft_config("random", scored_set,
-                                                diffusion__sft_weighting="uniform"), mesh=_mesh(1))
+                                                trims__weighting="uniform", diffusion__normalize="token"), mesh=_mesh(1))
   exp_s = exp_lib.Experiment.create(_sft_config("random", scored_set), mesh=_mesh(1))
-  assert arith_sft_standard_uniform.get_config().diffusion.sft_weighting == "uniform"
+  assert arith_sft_standard_uniform.get_config().trims.weighting == "uniform"
   batch = _first_batch(exp_u)
   params = exp_u.init_state(0).params
   key = jax.random.key(3)
   gb = {k: jnp.asarray(v) for k, v in batch.items()}
   xt, m, t, _ = exp_u.method.corrupt(gb, key)
   logits, _ = exp_u.method.apply(params, xt, gb["positions"], gb["segment_ids"], None)
-  from dlm_jax.diffusion import trims  # pylint: disable=g-import-not-at-top
-  ref_u, _ = trims.sft_loss(logits, gb["tokens"], m, t, "uniform", "token", mask_id=tasks.MASK)
-  ref_s, _ = trims.sft_loss(logits, gb["tokens"], m, t, "inv_t", "sequence", valid=gb["maskable"],
-                            mask_id=tasks.MASK)
+  from dlm_jax.diffusion import masked  # pylint: disable=g-import-not-at-top
+  from dlm_jax.trims import loss as trims_loss  # pylint: disable=g-import-not-at-top
+  ref_u, _ = trims_loss.sft_loss(logits, gb["tokens"], m, arith_task.MASK, "token")
+  ref_s, _ = masked.mdlm_loss(logits, gb["tokens"], m, t, exp_s.method.schedule, gb["maskable"],
+                              arith_task.MASK, "sequence")
   lu, _ = exp_u.method.train_loss(params, gb, key, train=False)
   ls, _ = exp_s.method.train_loss(params, gb, key, train=False)
   assert float(lu) == pytest.approx(float(ref_u), rel=1e-5)
@@ -220,7 +222,7 @@ def test_score_difficulty_resumes_with_identical_output(teacher_dir, tmp_path):
   kw = dict(num_buckets=8, batch_size=16, save_every=16, progress=False)
   ref = score_difficulty.run(teacher_dir, "arith:seed=5,n=50", full, **kw)
   assert score_difficulty.run(teacher_dir, "arith:seed=5,n=50", cut, stop_after=20, **kw) is None
-  part = score_difficulty.partial_path(cut)
+  part = sft_lib.partial_path(cut)
   with np.load(part) as z:
     assert int(z["done"]) == 32  # whole batches, saved before stopping
   assert not os.path.exists(cut)
@@ -274,7 +276,7 @@ class _CharTok:
 def test_jsonl_layout_and_errors_name_the_line(tmp_path):
   good = tmp_path / "ok.jsonl"
   good.write_text('{"prompt": "2+2?", "response": "4"}\n\n{"prompt": "hi", "response": "hello"}\n')
-  data = score_difficulty.jsonl_set(str(good), _CharTok(), 32, "config.data.seq_len")
+  data = sft_lib.jsonl_set(str(good), _CharTok(), 32, "config.data.seq_len")
   assert data.prompt.shape == (2, 5) and data.response.shape == (2, 6)
   assert data.prompt[0, 0] == 1 and data.prompt[1, 3] == 0  # BOS first, PAD after a short prompt
   assert (data.response[0, 1:] == 2).all() and data.response[1, 5] == 2  # EOS fill
@@ -282,10 +284,10 @@ def test_jsonl_layout_and_errors_name_the_line(tmp_path):
   bad = tmp_path / "bad.jsonl"
   bad.write_text('{"prompt": "a", "response": "b"}\n{"prompt": "a", "answer": "b"}\n')
   with pytest.raises(score_difficulty.ScoringError, match=r"bad.jsonl:2: missing field 'response'"):
-    score_difficulty.jsonl_set(str(bad), _CharTok(), 32, "config.data.seq_len")
+    sft_lib.jsonl_set(str(bad), _CharTok(), 32, "config.data.seq_len")
   long = tmp_path / "long.jsonl"
   long.write_text('{"prompt": "a", "response": "b"}\n' * 2 + json.dumps({"prompt": "q", "response": "x" * 40}) + "\n")
   with pytest.raises(score_difficulty.ScoringError, match=r"long.jsonl:3: .*config.data.seq_len = 32"):
-    score_difficulty.jsonl_set(str(long), _CharTok(), 32, "config.data.seq_len")
+    sft_lib.jsonl_set(str(long), _CharTok(), 32, "config.data.seq_len")
   with pytest.raises(score_difficulty.ScoringError, match="n must be >= 1"):
-    score_difficulty.parse_arith_spec("arith:seed=1,n=0")
+    arith_task.parse_arith_spec("arith:seed=1,n=0")

@@ -1,33 +1,37 @@
-"""Config validation: one pass at start-up that names the field to fix.
+"""Config schema and start-up validation: one pass that names the field to fix.
 
-Every config is checked against the schema in `configs/base.py`: an unknown field, a value of the
-wrong type, or an impossible value raises `ConfigError` before any compute.
+Every config is checked against the schema (`dlm_jax.config.schema`): an unknown field, a value of
+the wrong type, or an impossible value raises `ConfigError` before any compute. Fields whose
+allowed values are the names of plug-ins (method, decoder, data source, attention backend) are
+checked against their registries by `dlm_jax.run.experiment.validate_config`, which calls
+`validate` here first; this package imports nothing of dlm_jax.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
 import ml_collections
 
+from dlm_jax.config import schema
+from dlm_jax.config.schema import ALIASES
+
+# Fixed enumerations (not plug-ins; those are checked against their registries).
 CHOICES = {
-    "method": ("mdlm", "did", "ar"),
-    "data.source": ("bible", "text", "tfds", "arith", "hmm", "sft"),
     "data.packing": ("pack", "pad"),
     "model.dtype": ("float32", "bfloat16"),
-    "model.attention": ("xla", "pallas", "auto"),
     "model.position_embedding": ("rope", "learned"),
     "diffusion.schedule": ("loglinear", "cosine"),
     "diffusion.time_sampling": ("stratified", "vdm", "iid", "example"),
     "diffusion.normalize": ("token", "sequence", "sum"),
-    "diffusion.did_variant": ("variable", "fixed"),
-    "diffusion.masking": ("random", "trims", "trims_easy_first", "random_buckets"),
-    "diffusion.trims_k_law": ("uniform", "tied_to_t"),
-    "diffusion.sft_weighting": ("inv_t", "uniform"),
+    "did.variant": ("variable", "fixed"),
+    "trims.masking": ("random", "trims", "trims_easy_first", "random_buckets"),
+    "trims.weighting": ("inv_t", "uniform"),
+    "trims.k_law": ("uniform", "tied_to_t"),
     "optim.decay": ("constant", "cosine", "linear"),
     "train.nan_policy": ("stop", "skip"),
-    "sample.decoder": ("ancestral", "threshold", "fixed_k", "did"),
 }
 
 
@@ -35,9 +39,8 @@ class ConfigError(ValueError):
   """A config field has an unknown name, a wrong type or an impossible value."""
 
 
-def _schema() -> ml_collections.ConfigDict:
-  from configs import base  # pylint: disable=g-import-not-at-top
-  return base.get_config()
+def get_schema() -> ml_collections.ConfigDict:
+  return schema.get_config()
 
 
 def _flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:
@@ -51,22 +54,56 @@ def _flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:
   return out
 
 
-def _get(cfg: Any, dotted: str) -> Any:
+def field_names() -> set[str]:
+  """Every dotted field name of the schema (deprecated aliases included)."""
+  return set(_flatten(get_schema()))
+
+
+def get_field(cfg: Any, dotted: str) -> Any:
   for part in dotted.split("."):
     cfg = cfg[part]
   return cfg
 
 
+def _set_field(cfg: Any, dotted: str, value: Any) -> None:
+  *parents, last = dotted.split(".")
+  for part in parents:
+    cfg = cfg[part]
+  cfg[last] = value
+
+
+def apply_aliases(config: ml_collections.ConfigDict) -> list[str]:
+  """Moves values set under a deprecated field name to the new name (in place), with a warning.
+
+  Returns the old names that were set. Idempotent: the old fields are reset to None.
+  """
+  moved = []
+  for old, new in ALIASES.items():
+    try:
+      value = get_field(config, old)
+    except (KeyError, AttributeError):
+      continue
+    if value is None:
+      continue
+    logging.warning("config.%s is deprecated (it will be removed in the next release); use "
+                    "config.%s instead.", old, new)
+    _set_field(config, new, value)
+    _set_field(config, old, None)
+    moved.append(old)
+  return moved
+
+
 def check_schema(config: ml_collections.ConfigDict) -> None:
-  """Unknown fields and wrong types, compared with configs/base.py."""
-  schema = _flatten(_schema())
+  """Unknown fields and wrong types, compared with the schema."""
+  ref_flat = _flatten(get_schema())
   given = _flatten(config)
-  unknown = sorted(set(given) - set(schema))
+  unknown = sorted(set(given) - set(ref_flat))
   if unknown:
     raise ConfigError(f"Unknown config field(s): {', '.join('config.' + u for u in unknown)}. "
-                      "Every field must exist in configs/base.py (check the spelling).")
+                      "Every field must exist in the schema, dlm_jax/config/schema.py (check the "
+                      "spelling).")
   for name, value in given.items():
-    ref = schema[name]
+    ref = ref_flat[name]
     if ref is None or value is None:
       continue
     ok = isinstance(value, type(ref))
@@ -79,18 +116,42 @@ def check_schema(config: ml_collections.ConfigDict) -> None:
                         f"{value!r} ({type(value).__name__}).")
 
 
+def from_saved(saved: Any) -> ml_collections.ConfigDict:
+  """A config saved as JSON (int/float distinctions lost) rebuilt on the schema's types.
+
+  Fields the schema no longer has are dropped; deprecated names are moved to their new homes.
+  """
+  cfg = get_schema()
+
+  def merge(dst, src):
+    for k, v in src.items():
+      if k not in dst:
+        continue
+      if isinstance(dst[k], ml_collections.ConfigDict):
+        merge(dst[k], v)
+      elif isinstance(dst[k], float) and isinstance(v, int) and not isinstance(v, bool):
+        dst[k] = float(v)
+      else:
+        dst[k] = v
+
+  merge(cfg, saved)
+  apply_aliases(cfg)
+  return cfg
+
+
 def validate(config: ml_collections.ConfigDict, *, num_data_parallel: int | None = None,
              process_count: int = 1) -> None:
-  """Checks names, types and values; raises ConfigError naming the field.
+  """Checks names, types and values of the plug-in-independent fields; raises ConfigError.
 
   Args:
-    config: the full config.
+    config: the full config (deprecated aliases are moved first).
     num_data_parallel: data x fsdp size of the mesh (the batch must divide over it).
     process_count: number of JAX processes (the batch must divide over them).
   """
+  apply_aliases(config)
   check_schema(config)
   for name, choices in CHOICES.items():
-    value = _get(config, name)
+    value = get_field(config, name)
     if value not in choices:
       raise ConfigError(f"config.{name}={value!r} is not one of {choices}.")
 
@@ -100,16 +161,6 @@ def validate(config: ml_collections.ConfigDict, *, num_data_parallel: int | None
 
   d, m, t, tr, o = config.data, config.model, config.diffusion, config.train, config.optim
   require(d.seq_len > 0, "data.seq_len", "must be positive.")
-  extra = 1 if config.method == "did" else 0
-  if config.method == "did" and t.did_pack:
-    require(t.did_pack_len == 0 or t.did_pack_len > d.seq_len, "diffusion.did_pack_len",
-            f"must be 0 (auto) or longer than data.seq_len={d.seq_len}.")
-    require(tr.global_batch_size % 2 == 0, "train.global_batch_size",
-            f"{tr.global_batch_size} is odd: DID packing (diffusion.did_pack) puts 2 rows in each "
-            "model row; use an even batch or diffusion.did_pack=False.")
-  require(d.seq_len + extra <= m.max_len, "data.seq_len",
-          f"{d.seq_len}{' (+1 for BOS)' if extra else ''} is longer than model.max_len={m.max_len}; "
-          "raise model.max_len or shorten data.seq_len.")
   require(m.num_layers > 0, "model.num_layers", "must be positive.")
   require(m.d_model % m.num_heads == 0, "model.num_heads",
           f"must divide model.d_model={m.d_model}.")
@@ -133,16 +184,6 @@ def validate(config: ml_collections.ConfigDict, *, num_data_parallel: int | None
             "devices (mesh data x fsdp).")
   require(tr.global_batch_size % process_count == 0, "train.global_batch_size",
           f"{tr.global_batch_size} is not divisible by the {process_count} processes.")
-  if d.source == "text":
-    require(bool(d.path), "data.path", "is empty; data.source='text' needs a file or folder.")
-    require(os.path.exists(d.path), "data.path", f"{d.path!r} does not exist.")
-  if d.source == "sft":
-    require(d.path.endswith((".npz", ".jsonl")), "data.path",
-            f"{d.path!r}; data.source='sft' reads a prompt/response .jsonl or a scored .npz "
-            "(python -m dlm_jax.score_difficulty).")
-    require(os.path.exists(d.path), "data.path", f"{d.path!r} does not exist.")
-  if d.source == "tfds":
-    require(bool(d.tfds_name), "data.tfds_name", "is empty; data.source='tfds' needs a dataset name.")
   if d.tokenizer.startswith("file:"):
     path = d.tokenizer[len("file:"):]
     require(os.path.exists(path), "data.tokenizer", f"tokenizer file {path!r} does not exist.")
@@ -155,7 +196,3 @@ def validate(config: ml_collections.ConfigDict, *, num_data_parallel: int | None
   require(0.0 < s.tau <= 1.0, "sample.tau", f"{s.tau} is outside (0, 1].")
   require(s.num_steps > 0, "sample.num_steps", "must be positive.")
   require(s.batch_size > 0 and s.num_samples > 0, "sample.num_samples", "must be positive.")
-  if m.attention == "pallas":
-    hd = m.d_model // m.num_heads
-    require(hd in (64, 128), "model.attention",
-            f"'pallas' supports head dimensions 64 and 128, got {hd}; use 'xla' or 'auto'.")

@@ -1,19 +1,36 @@
 """The schema every config shares: each field with its default and type.
 
-Paper-scale configs (`*_owt.py`) and tiny embedded ones (`*_tiny.py`) start from
-`get_config()` here and change values only; a field that is not defined here is an error.
+Recipes (`configs/*.py`: paper-scale `*_owt.py`, tiny embedded `*_tiny.py`, the CPU toys) start
+from `get_config()` here and change values only; a field that is not defined here is an error.
+Fields that moved keep their old name for one release as a deprecated alias (see `ALIASES`):
+setting the old name still works and logs a warning naming the new one.
 """
 
 import ml_collections
+from ml_collections import config_dict
+
+# Old name -> new name of the fields that moved (kept as typed placeholders for one release).
+ALIASES = {
+    "diffusion.did_variant": "did.variant",
+    "diffusion.did_max_log_count": "did.max_log_count",
+    "diffusion.did_pack": "did.pack",
+    "diffusion.did_pack_len": "did.pack_len",
+    "diffusion.masking": "trims.masking",
+    "diffusion.trims_buckets": "trims.num_buckets",
+    "diffusion.trims_p_context": "trims.p_context",
+    "diffusion.trims_p_future": "trims.p_future",
+    "diffusion.trims_k_law": "trims.k_law",
+    "diffusion.sft_weighting": "trims.weighting",
+}
 
 
 def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  c.method = "mdlm"          # registry name: mdlm | did | ar
+  c.method = "mdlm"          # a registered method: mdlm | did | ar
   c.seed = 0
 
   c.data = ml_collections.ConfigDict()
-  c.data.source = "bible"    # bible | text | tfds | arith | hmm | sft (prompt/response SFT)
+  c.data.source = "bible"    # a registered data source: bible | text | tfds | arith | hmm | sft
   c.data.path = ""           # text: .txt / .jsonl file or folder; sft: .jsonl or scored .npz
   c.data.tfds_name = ""      # tfds: e.g. "lm1b" or "openwebtext_local"
   c.data.tfds_data_dir = ""  # tfds: where the prepared ArrayRecord files are
@@ -34,7 +51,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.max_len = 1024
   c.model.dropout = 0.0
   c.model.dtype = "float32"  # float32 | bfloat16 (compute; params stay float32)
-  c.model.attention = "xla"  # xla | pallas | auto
+  c.model.attention = "xla"  # a registered attention backend: xla | pallas, or auto
   c.model.time_conditioning = False
   c.model.cond_dim = 128
   c.model.remat = False
@@ -42,6 +59,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.position_embedding = "rope"  # rope | learned (absolute positions, as in spec/trims.md's toy)
   c.model.tie_embeddings = False
 
+  # Masked diffusion (MDLM and the shared noise/time settings of every diffusion method).
   c.diffusion = ml_collections.ConfigDict()
   c.diffusion.schedule = "loglinear"  # loglinear | cosine
   c.diffusion.eps = 0.0
@@ -49,18 +67,27 @@ def get_config() -> ml_collections.ConfigDict:
   c.diffusion.time_sampling = "stratified"  # stratified | vdm | iid | example (t from the example's key)
   c.diffusion.normalize = "token"           # token | sequence | sum
   c.diffusion.eval_num_t = 8                # t-draws per sequence for reported NELBO
-  # DID only.
-  c.diffusion.did_variant = "variable"      # variable (DISE, count head) | fixed (DICE, seqnorm)
-  c.diffusion.did_max_log_count = 6.931471805599453  # log(1024)
-  c.diffusion.did_pack = True               # pack surviving tokens of several rows together
-  c.diffusion.did_pack_len = 0              # model row length holding 2 rows' survivors (0 = auto, ~1.125 L)
-  # SFT / TRIMS.
-  c.diffusion.masking = "random"            # random | trims | trims_easy_first | random_buckets
-  c.diffusion.trims_buckets = 8
-  c.diffusion.trims_p_context = 0.05
-  c.diffusion.trims_p_future = 0.95
-  c.diffusion.trims_k_law = "uniform"       # uniform | tied_to_t
-  c.diffusion.sft_weighting = "inv_t"       # inv_t | uniform
+  # DID (method 'did').
+  c.did = ml_collections.ConfigDict()
+  c.did.variant = "variable"                # variable (DISE, count head) | fixed (DICE, seqnorm)
+  c.did.max_log_count = 6.931471805599453   # log(1024)
+  c.did.pack = True                         # pack surviving tokens of several rows together
+  c.did.pack_len = 0                        # model row length holding 2 rows' survivors (0 = auto, ~1.125 L)
+
+  # Supervised fine-tuning masks and weights (standard masking, TRIMS and its ablations).
+  c.trims = ml_collections.ConfigDict()
+  c.trims.masking = "random"                # random | trims | trims_easy_first | random_buckets
+  c.trims.weighting = "inv_t"               # inv_t (NELBO weight) | uniform (mean CE over masked slots)
+  c.trims.num_buckets = 8
+  c.trims.p_context = 0.05
+  c.trims.p_future = 0.95
+  c.trims.k_law = "uniform"                 # uniform | tied_to_t
+
+  # Deprecated aliases (one release): the old names as typed placeholders (None = not set).
+  for old, new in ALIASES.items():
+    section, name = old.split(".")
+    new_section, new_name = new.split(".")
+    c[section][name] = config_dict.placeholder(type(c[new_section][new_name]))
 
   c.optim = ml_collections.ConfigDict()
   c.optim.lr = 3e-4
@@ -92,7 +119,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.mesh.tensor = 1
 
   c.sample = ml_collections.ConfigDict()
-  c.sample.decoder = "ancestral"  # ancestral | threshold | fixed_k | did
+  c.sample.decoder = ""           # a registered decoder of the method; "" = the method's default
   c.sample.num_samples = 4
   c.sample.batch_size = 4
   c.sample.num_steps = 128

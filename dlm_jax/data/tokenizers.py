@@ -33,6 +33,8 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
+from dlm_jax.data import corpora
+
 __all__ = ["Tokenizer", "HFTokenizer", "ByteTokenizer", "get_tokenizer", "default_cache_dir"]
 
 # Special tokens of the tokenizers trained or defined here, in id order.
@@ -219,8 +221,7 @@ def _bpe(vocab_size: int | None, train_texts: Sequence[str] | None, cache_dir: s
                      f"got {vocab_size}: set config.data.vocab_size.")
   corpus_name = "custom"
   if train_texts is None:
-    from dlm_jax.data.sources import BibleSource  # pylint: disable=g-import-not-at-top
-    src = BibleSource("train")
+    src = corpora.BibleSource("train")
     train_texts = [src[i] for i in range(len(src))]
     corpus_name = "kjv"
   else:
@@ -325,3 +326,9 @@ def get_tokenizer(kind: str, *, vocab_size: int | None = None, train_texts: Sequ
     raise ValueError(f"unknown tokenizer {kind!r} in config.data.tokenizer; choose 'gpt2', 'bpe', 'char', "
                      "'bytes' or 'file:/path/to/tokenizer.json'.")
   return tok  # vocab_size is ignored: this kind's vocabulary is fixed (read tok.vocab_size).
+
+
+def tokenizer_id(tok: Tokenizer) -> str:
+  """A printable identity of a tokenizer: name, vocabulary size and fingerprint."""
+  fp = tok.fingerprint() if hasattr(tok, "fingerprint") else "?"
+  return f"{getattr(tok, 'name', type(tok).__name__)} (vocab {tok.vocab_size}, fingerprint {fp})"

@@ -1,7 +1,9 @@
-"""MDLM (masked diffusion LM) as pure functions: time sampling, masking, SUBS, NELBO.
+"""Masked diffusion (MDLM) as pure functions: time sampling, masking, SUBS, NELBO.
 
 Reference: Sahoo et al., "Simple and Effective Masked Diffusion Language Models" (arXiv 2406.07524).
-All log-probabilities and losses are computed in float32 whatever the trunk's dtype.
+Shared by every masked method: MDLM's loss, TRIMS fine-tuning, the ancestral and blockwise
+samplers and the step-importance curves. Log-probabilities and losses are float32 whatever the
+trunk's dtype (the samplers ask for float64 through `dtype`).
 """
 
 from __future__ import annotations
@@ -59,17 +61,18 @@ def forward_mask(keys: jax.Array, x0: jax.Array, t: jax.Array, maskable: jax.Arr
   return jnp.where(is_masked, mask_id, x0), is_masked
 
 
-def subs_log_probs(logits: jax.Array, xt: jax.Array | None, mask_id: int,
-                   carry_over: bool = True) -> jax.Array:
-  """SUBS parameterisation: log p(x0 | xt) [B, L, V] in float32.
+def subs_log_probs(logits: jax.Array, mask_id: int, xt: jax.Array | None = None,
+                   dtype: Any = jnp.float32) -> jax.Array:
+  """SUBS parameterisation: log p(x0 | xt) [..., V] in `dtype` (float32 by default).
 
-  The mask column gets probability zero; where xt is not masked (and `carry_over`), the
-  distribution is the point mass on xt.
+  The mask column gets probability zero (-inf before the log-softmax). With `xt`, positions
+  where xt is not masked carry over: the distribution is the point mass on xt. The samplers
+  call it without `xt` (they only read masked slots) and with float64 under x64.
   """
-  logits = logits.astype(jnp.float32)
+  logits = logits.astype(dtype)
   logits = logits.at[..., mask_id].set(-jnp.inf)
   logp = jax.nn.log_softmax(logits, axis=-1)
-  if carry_over and xt is not None:
+  if xt is not None:
     onehot = jax.nn.one_hot(xt, logits.shape[-1], dtype=jnp.bool_)
     point = jnp.where(onehot, 0.0, -jnp.inf)
     logp = jnp.where((xt != mask_id)[..., None], point, logp)

@@ -2,7 +2,8 @@
 
 A schedule maps t in [0, 1] to the probability alpha(t) that a token is still clean, with
 alpha(0) = 1 and alpha(1) = 0 (for eps = 0). The continuous-time NELBO weight is
-w(t) = -alpha'(t) / (1 - alpha(t)).
+w(t) = -alpha'(t) / (1 - alpha(t)). One schedule object serves the loss and the samplers (the
+ancestral step's reveal probabilities read the same alpha(t)), so they never disagree.
 """
 
 from __future__ import annotations
@@ -57,3 +58,16 @@ def get_schedule(name: str, eps: float = 0.0):
   if name not in SCHEDULES:
     raise ValueError(f"config.diffusion.schedule={name!r}; choose one of {sorted(SCHEDULES)}.")
   return SCHEDULES[name](eps=eps)
+
+
+def as_schedule(schedule):
+  """A schedule object from a name ("loglinear", "cosine"; eps = 0) or an object with alpha(t)."""
+  if isinstance(schedule, str):
+    if schedule not in SCHEDULES:
+      raise ValueError(f"schedule must be one of {sorted(SCHEDULES)} or an object with alpha(t); "
+                       f"got {schedule!r}")
+    return SCHEDULES[schedule]()
+  if hasattr(schedule, "alpha"):
+    return schedule
+  raise ValueError(f"schedule must be one of {sorted(SCHEDULES)} or an object with alpha(t); "
+                   f"got {schedule!r}")

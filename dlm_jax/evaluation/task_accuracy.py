@@ -14,8 +14,6 @@ architecture, so evaluating several fine-tuned arms compiles each setting once.
 
 from __future__ import annotations
 
-import json
-import math
 import os
 from typing import Any, Callable, Optional, Sequence
 
@@ -25,9 +23,11 @@ import numpy as np
 
 from dlm_jax import metrics as metrics_lib
 from dlm_jax import parallel
-from dlm_jax.data import tasks
-from dlm_jax.diffusion import trims
+from dlm_jax.data.tasks import arith as tasks
 from dlm_jax.sampling import blockwise
+from dlm_jax.trims import buckets as trims_buckets
+from dlm_jax.trims import metrics as trims_metrics
+from dlm_jax.trims import scoring as trims_scoring
 
 DEFAULT_TAUS = (0.9, 0.7, 0.5, 0.3)
 ONE_TOKEN = "1tok"
@@ -39,17 +39,6 @@ _SCORERS: dict[tuple, Callable] = {}
 def setting_name(tau: Optional[float]) -> str:
   """'1tok' for one token per pass, else 'tau=0.9'."""
   return ONE_TOKEN if tau is None else f"tau={tau:g}"
-
-
-def wilson_interval(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
-  """95% Wilson score interval of a binomial proportion k / n (in [0, 1]); (nan, nan) for n = 0."""
-  if n <= 0:
-    return float("nan"), float("nan")
-  p = k / n
-  den = 1.0 + z * z / n
-  centre = (p + z * z / (2 * n)) / den
-  half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
-  return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def _decoder(method: Any, tau: Optional[float], gen_len: int, block_len: int) -> Callable:
@@ -98,7 +87,7 @@ def teacher_buckets(teacher: Any, prompts: np.ndarray, generated: np.ndarray, nu
   if key not in _SCORERS:
     method = teacher.method
     _SCORERS[key] = jax.jit(
-        lambda params, p, r: trims.teacher_response_scores(method.logits_fn(params), p, r, "nll"))
+        lambda params, p, r: trims_scoring.teacher_response_scores(method.logits_fn(params), p, r, "nll"))
   fn = _SCORERS[key]
   out = []
   n = prompts.shape[0]
@@ -111,7 +100,7 @@ def teacher_buckets(teacher: Any, prompts: np.ndarray, generated: np.ndarray, nu
         r = np.concatenate([r, np.repeat(r[-1:], batch_size - m, 0)])
       out.append(np.asarray(jax.device_get(fn(teacher.params, jnp.asarray(p), jnp.asarray(r))))[:m])
   nll = np.concatenate(out)
-  return trims.assign_buckets(nll, np.ones(nll.shape, bool), K=num_buckets, order="hard_first")
+  return trims_buckets.assign_buckets(nll, np.ones(nll.shape, bool), K=num_buckets, order="hard_first")
 
 
 def score_point(task: tasks.ArithChain, prompts: np.ndarray, answers: np.ndarray, dec: dict[str, np.ndarray],
@@ -126,7 +115,7 @@ def score_point(task: tasks.ArithChain, prompts: np.ndarray, answers: np.ndarray
     full = gen[:, :r]
   correct = tasks.exact_match(full, answers)
   k = int(correct.sum())
-  lo, hi = wilson_interval(k, n)
+  lo, hi = metrics_lib.wilson_interval(k, n)
   valid = task.valid_traces(prompts, full)
   content = metrics_lib.content_length(gen, eos_id)
   cs = dec["commit_step"]
@@ -185,7 +174,7 @@ def evaluate_run(run: Any, *, taus: Sequence[float] = DEFAULT_TAUS, one_token: b
               **score_point(task, prompts, answers, dec, run.tokenizer.eos_id))
     if teacher is not None:
       b = teacher_buckets(teacher, prompts, dec["generated"], num_buckets, batch_size)
-      pt["reveal_rank_corr"] = trims.reveal_rank_correlation(dec["commit_step"], b)
+      pt["reveal_rank_corr"] = trims_metrics.reveal_rank_correlation(dec["commit_step"], b)
     points.append(pt)
   return dict(points=points, n=n, seed=seed, gen_len=gen_len, block_len=block_len,
               workdir=getattr(run, "workdir", ""), step=int(getattr(run, "step", -1)))
@@ -193,7 +182,7 @@ def evaluate_run(run: Any, *, taus: Sequence[float] = DEFAULT_TAUS, one_token: b
 
 def aup_of(points: Sequence[dict[str, Any]], y_max: float, tpf_key: str = "tpf_gen") -> float:
   """AUP of one curve (accuracy in percent) with `y_max` the best accuracy of any method."""
-  return trims.aup([p[tpf_key] for p in points], [p["accuracy"] for p in points], y_max)
+  return trims_metrics.aup([p[tpf_key] for p in points], [p["accuracy"] for p in points], y_max)
 
 
 def plot_curves(curves: dict[str, Sequence[dict[str, Any]]], path: str, tpf_key: str = "tpf_content",
@@ -234,43 +223,3 @@ def plot_curves(curves: dict[str, Sequence[dict[str, Any]]], path: str, tpf_key:
   fig.savefig(path)
   plt.close(fig)
   return path
-
-
-def teacher_from_sft_set(config: Any) -> Optional[str]:
-  """The teacher workdir recorded in the run's scored SFT set (config.data.path), if any."""
-  path = getattr(config.data, "path", "")
-  if not path or not path.endswith(".npz") or not os.path.exists(path):
-    return None
-  with np.load(path) as z:
-    if "meta" not in z.files:
-      return None
-    wd = json.loads(str(z["meta"])).get("teacher_workdir")
-  return wd if wd and os.path.exists(wd) else None
-
-
-def run_task_eval(workdir: str, *, taus: Sequence[float] = DEFAULT_TAUS, n: int = 2000, seed: int = 123,
-                  teacher_workdir: Optional[str] = None, step: Optional[int] = None, use_ema: bool = True,
-                  out_dir: Optional[str] = None) -> dict[str, Any]:
-  """`python -m dlm_jax.evaluate --task_accuracy`: evaluates, writes JSON + PNG, returns the result.
-
-  The teacher for the reveal-rank correlation is `teacher_workdir`, else the one recorded in the
-  run's scored SFT set, else none. AUP uses y_max = the run's own best accuracy (compare arms with
-  a shared y_max via `aup_of`).
-  """
-  from dlm_jax import api  # pylint: disable=g-import-not-at-top
-  run = api.load(workdir, step=step, use_ema=use_ema)
-  teacher_wd = teacher_workdir or teacher_from_sft_set(run.config)
-  teacher = api.load(teacher_wd) if teacher_wd else None
-  res = evaluate_run(run, taus=taus, n=n, seed=seed, teacher=teacher)
-  y_max = max(p["accuracy"] for p in res["points"])
-  res.update(teacher_workdir=teacher_wd, y_max=y_max,
-             aup_tpf_gen=aup_of(res["points"], y_max, "tpf_gen") if y_max > 0 else 0.0,
-             aup_tpf_content=aup_of(res["points"], y_max, "tpf_content") if y_max > 0 else 0.0)
-  out_dir = out_dir or workdir
-  base = os.path.join(out_dir, f"task_eval_step{res['step']}")
-  if parallel.is_main_process():
-    res["plot"] = plot_curves({os.path.basename(os.path.normpath(workdir)): res["points"]}, base + ".png")
-    res["json"] = base + ".json"
-    with open(base + ".json", "w", encoding="utf-8") as f:
-      json.dump(res, f, indent=2)
-  return res

@@ -1,6 +1,6 @@
 """Fused flash attention in Pallas (forward and backward) for GPU (Triton) and TPU (Mosaic).
 
-Implements the attention contract of `dlm_jax.models.attention` (read its module docstring):
+Implements the attention contract of the model layer (`dlm_jax.models.attention`):
 
     flash_attention(q, k, v, q_segment_ids, kv_segment_ids, *, causal=False) -> out
 
@@ -34,18 +34,16 @@ and sliced back. On CPU both lowerings run in Pallas interpret mode (`interpret=
 TPU-style kernels then run under the TPU interpreter (`pltpu.InterpretParams()`, what
 `pltpu.force_tpu_interpret_mode()` installs).
 
-Sharding: `make_attention_fn` returns a function that, when a mesh with axes among
-('data', 'fsdp', 'tensor') is active (`jax.set_mesh`) or given, runs the kernel per device
-through `jax.shard_map`: batch split over ('data', 'fsdp'), heads over 'tensor'.
+This module imports jax only. The model layer (`dlm_jax.models.attention`, backend 'pallas')
+runs it per device shard inside the sharded step and falls back to the XLA path where allowed.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import logging
 import math
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
@@ -53,15 +51,10 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as pltriton
-from jax.sharding import PartitionSpec as P
-
-from dlm_jax.models.attention import xla_attention
 
 SUPPORTED_HEAD_DIMS = (64, 128)
 SUPPORTED_DTYPES = ("float32", "bfloat16")
 BACKENDS = ("gpu", "tpu")
-BATCH_MESH_AXES = ("data", "fsdp")
-HEAD_MESH_AXIS = "tensor"
 
 # Default blocks: (forward block_q, forward block_k, backward block_q, backward block_k).
 _GPU_DEFAULT_BLOCKS = (128, 64, 64, 64)
@@ -87,7 +80,8 @@ class _Config:
 # ----------------------------------------------------------------------------- validation
 
 
-def _default_backend() -> str:
+def default_platform() -> str:
+  """JAX's default platform named as a kernel lowering ('gpu' for cuda/rocm)."""
   platform = jax.default_backend()
   return "gpu" if platform in ("gpu", "cuda", "rocm") else platform
 
@@ -107,7 +101,7 @@ def resolve_backend(backend: Optional[str], interpret: bool) -> str:
   """
   if backend is not None and backend not in BACKENDS:
     raise ValueError(f"backend={backend!r} is not supported; choose None or one of {BACKENDS}.")
-  platform = _default_backend()
+  platform = default_platform()
   if backend is None:
     if platform in BACKENDS:
       return platform
@@ -748,102 +742,3 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_segment_ids: jax
                       cfg)
     out = to_bhld(out)
   return out[:, :lq]
-
-
-# ----------------------------------------------------------------------------- model entry
-
-
-def _mesh_specs(mesh: Any, batch: int, heads: int) -> tuple[P, P]:
-  """PartitionSpecs ([B, L, H, D], [B, L]) splitting batch and heads over the mesh.
-
-  An axis that is absent, manual already, or does not divide its dimension is left out (the
-  work is then replicated over it, which stays correct).
-  """
-  shape = dict(mesh.shape)
-  manual = set(getattr(mesh, "manual_axes", ()) or ())
-  usable = lambda a: a in shape and a not in manual and shape[a] > 1
-  batch_axes = []
-  size = 1
-  for a in BATCH_MESH_AXES:
-    if usable(a) and batch % (size * shape[a]) == 0:
-      batch_axes.append(a)
-      size *= shape[a]
-  head_axis = HEAD_MESH_AXIS if usable(HEAD_MESH_AXIS) and heads % shape[HEAD_MESH_AXIS] == 0 \
-      else None
-  b = tuple(batch_axes) if batch_axes else None
-  return P(b, None, head_axis, None), P(b, None)
-
-
-def _active_mesh(mesh: Any) -> Any:
-  if mesh is not None:
-    return mesh
-  abstract = jax.sharding.get_abstract_mesh()
-  if abstract is None or abstract.empty:
-    return None
-  return abstract
-
-
-def make_attention_fn(fallback_ok: bool = False, block_q: Optional[int] = None,
-                      block_k: Optional[int] = None, interpret: Optional[bool] = None,
-                      backend: Optional[str] = None,
-                      mesh: Optional[jax.sharding.Mesh] = None) -> Callable[..., jax.Array]:
-  """Returns `attend(q, k, v, q_segment_ids, kv_segment_ids, causal=False) -> out`.
-
-  The contract is that of `dlm_jax.models.attention` (shapes in `flash_attention`).
-
-  Args:
-    fallback_ok: when the kernel cannot handle a setting (head dim, dtype, block size, no
-      GPU/TPU), log a warning and use `xla_attention` instead of raising ValueError.
-    block_q: query block size (None: lowering default).
-    block_k: key block size (None: lowering default).
-    interpret: Pallas interpret mode; None means True only on CPU (slow, for tests).
-    backend: None, 'gpu' or 'tpu' (see `flash_attention`).
-    mesh: mesh to shard over; None uses the mesh set with `jax.set_mesh`, if any. On a mesh
-      with axes 'data'/'fsdp' (batch) and 'tensor' (heads) the kernel runs per device shard.
-
-  Raises:
-    ValueError: unsupported settings when fallback_ok is False (at creation for block sizes
-      and backend, at call time for shapes and dtypes).
-  """
-  auto_interpret = interpret is None
-  if auto_interpret:
-    interpret = _default_backend() not in BACKENDS
-    if interpret and not fallback_ok:
-      logging.warning("Pallas flash attention on %r runs in interpret mode: correct but slow.",
-                      jax.default_backend())
-  try:
-    resolved = resolve_backend(backend, interpret)
-    validate_options(resolved, block_q, block_k)
-    if interpret and auto_interpret and fallback_ok:
-      raise ValueError(f"no GPU or TPU (default backend {jax.default_backend()!r})")
-  except ValueError as e:
-    if not fallback_ok:
-      raise
-    logging.warning("Pallas flash attention unavailable (%s); falling back to XLA attention.", e)
-    return xla_attention
-
-  kernel = functools.partial(flash_attention, block_q=block_q, block_k=block_k,
-                             backend=resolved, interpret=interpret)
-
-  def attend(q: jax.Array, k: jax.Array, v: jax.Array, q_segment_ids: jax.Array,
-             kv_segment_ids: jax.Array, causal: bool = False) -> jax.Array:
-    """Attention per the contract of `dlm_jax.models.attention`; [B, Lq, H, D] out."""
-    try:
-      validate_inputs(q, k, v, q_segment_ids, kv_segment_ids)
-    except ValueError as e:
-      if not fallback_ok:
-        raise
-      logging.warning("Pallas flash attention cannot take this input (%s); using XLA.", e)
-      return xla_attention(q, k, v, q_segment_ids, kv_segment_ids, causal=causal)
-    fn = functools.partial(kernel, causal=causal)
-    active = _active_mesh(mesh)
-    if active is None or math.prod(dict(active.shape).values()) == 1:
-      return fn(q, k, v, q_segment_ids, kv_segment_ids)
-    x_spec, seg_spec = _mesh_specs(active, q.shape[0], q.shape[2])
-    if x_spec == P(None, None, None, None):
-      return fn(q, k, v, q_segment_ids, kv_segment_ids)
-    sharded = jax.shard_map(fn, mesh=active, in_specs=(x_spec, x_spec, x_spec, seg_spec, seg_spec),
-                            out_specs=x_spec, check_vma=False)
-    return sharded(q, k, v, q_segment_ids, kv_segment_ids)
-
-  return attend

@@ -1,4 +1,5 @@
-"""Autoregressive (causal) LM as a method: the TRIMS teacher and the gen-PPL judge.
+"""Autoregressive (causal) LM as a method: the TRIMS teacher and the gen-PPL judge, with its
+decoder "autoregressive" (left-to-right sampling at temperature 1).
 
 Same trunk as the denoisers with `causal=True`; next-token cross-entropy within each document
 (segment). Batches with a `maskable` field (SFT: response positions) are scored only there.
@@ -6,13 +7,14 @@ Same trunk as the denoisers with `causal=True`; next-token cross-entropy within 
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
 
 import jax
 import jax.numpy as jnp
 
 from dlm_jax.methods.base import Method
 from dlm_jax.models.transformer import TransformerConfig
+from dlm_jax.sampling.decoders import Decoder, cached, default_prompt, register
 
 
 def next_token_targets(batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
@@ -40,10 +42,11 @@ class AutoRegressive(Method):
   """Causal transformer LM trained with next-token cross-entropy."""
 
   name = "ar"
+  family = "causal"
+  default_decoder = "autoregressive"
 
   def model_config(self) -> TransformerConfig:
     cfg = TransformerConfig.from_config(self.config.model, self.ids.vocab_size)
-    import dataclasses  # pylint: disable=g-import-not-at-top
     return dataclasses.replace(cfg, causal=True, time_conditioning=False)
 
   def _nll(self, params, batch, dropout_key=None):
@@ -68,41 +71,39 @@ class AutoRegressive(Method):
     """NLL of each position's NEXT token [B, L] and its validity mask (teacher scoring)."""
     return self._nll(params, batch)
 
-  def sample(self, params, key, sample_cfg, prompt=None) -> dict[str, Any]:
-    """Left-to-right ancestral sampling at temperature 1 (the mask id is never drawn)."""
-    s = sample_cfg
-    b = s.batch_size
-    if prompt is None:
-      prompt = jnp.full((b, 1), self.ids.bos, jnp.int32)
-    prompt = jnp.asarray(prompt, jnp.int32)
-    p = prompt.shape[1]
-    gen_len = s.gen_len or (self.config.data.seq_len - p)
-    total = p + gen_len
-    if total > self.model_cfg.max_len:
-      raise ValueError(f"prompt ({p}) + sample.gen_len ({gen_len}) is longer than model.max_len="
-                       f"{self.model_cfg.max_len}.")
-    run = self._compiled_sampler(b, p, gen_len)
-    return dict(run(params, key, prompt), prompt_len=p, gen_len=gen_len)
 
-  def _compiled_sampler(self, b: int, p: int, gen_len: int):
-    """One jitted sampler per (batch, prompt length, gen_len); params, key, prompt are traced."""
-    cache = self.__dict__.setdefault("_sampler_cache", {})
-    if (b, p, gen_len) in cache:
-      return cache[(b, p, gen_len)]
+# -- the "autoregressive" decoder ----------------------------------------------------------------
+def sample_causal(method, params, key, sample_cfg, prompt=None) -> dict:
+  """Left-to-right ancestral sampling at temperature 1 (the mask id is never drawn)."""
+  s = sample_cfg
+  b = s.batch_size
+  prompt = default_prompt(method, b, prompt)
+  p = prompt.shape[1]
+  gen_len = s.gen_len or (method.config.data.seq_len - p)
+  total = p + gen_len
+  if total > method.model_cfg.max_len:
+    raise ValueError(f"prompt ({p}) + sample.gen_len ({gen_len}) is longer than model.max_len="
+                     f"{method.model_cfg.max_len}.")
+  mask_id, pad_id = method.ids.mask, method.ids.pad
 
+  def build():
     @jax.jit
     def run(params, key, prompt):
-      fn = self.logits_fn(params)
-      tokens = jnp.concatenate([prompt, jnp.full((b, gen_len), self.ids.pad, jnp.int32)], 1)
+      fn = method.logits_fn(params)
+      tokens = jnp.concatenate([prompt, jnp.full((b, gen_len), pad_id, jnp.int32)], 1)
 
       def step(i, tokens):
         logits = fn(tokens)[:, p + i - 1].astype(jnp.float32)
-        logits = logits.at[:, self.ids.mask].set(-jnp.inf)
+        logits = logits.at[:, mask_id].set(-jnp.inf)
         nxt = jax.random.categorical(jax.random.fold_in(key, i), logits)
         return tokens.at[:, p + i].set(nxt.astype(jnp.int32))
 
       tokens = jax.lax.fori_loop(0, gen_len, step, tokens)
       return dict(tokens=tokens, nfe=jnp.full((b,), gen_len, jnp.int32))
-
-    cache[(b, p, gen_len)] = run
     return run
+
+  run = cached(method, ("autoregressive", b, p, gen_len), build)
+  return dict(run(params, key, prompt), prompt_len=p, gen_len=gen_len)
+
+
+register(Decoder("autoregressive", "causal", sample_causal, options=("gen_len",)))

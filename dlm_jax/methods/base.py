@@ -3,6 +3,11 @@
 The train loop only ever calls `train_loss`, `eval_sums` and `sample`; it never branches on the
 method's name. Everything static (the Flax module, special token ids, the config) lives on the
 method object, so its functions close over nothing that changes between steps.
+
+A method also says which decoders fit it: `family` names the decoder family its model serves
+("masked": logits over a partly masked sequence; "insertion": insertion scores per gap;
+"causal": next-token logits), and `default_decoder` the one used when `config.sample.decoder`
+is empty. `check_config` raises `ConfigError` for settings the method cannot run.
 """
 
 from __future__ import annotations
@@ -14,7 +19,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from dlm_jax.config import ConfigError
 from dlm_jax.models.transformer import Transformer, TransformerConfig
+from dlm_jax.sampling import decoders
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,9 +39,27 @@ class SpecialIds:
 
 
 class Method:
-  """Base class: subclasses define `name`, `model_config`, `train_loss`, `eval_sums`, `sample`."""
+  """Base class: subclasses define `name`, `family`, `default_decoder`, `model_config`,
+  `train_loss`, `eval_sums` and their sampling pieces."""
 
   name = "base"
+  family = ""            # decoder family (see the module docstring)
+  default_decoder = ""   # decoder used when config.sample.decoder is ""
+
+  @classmethod
+  def check_config(cls, config: ml_collections.ConfigDict) -> None:
+    """Settings this method cannot run (ConfigError naming the field); called at start-up."""
+    extra = cls.extra_positions
+    if config.data.seq_len + extra > config.model.max_len:
+      raise ConfigError(
+          f"config.data.seq_len: {config.data.seq_len}{' (+1 for BOS)' if extra else ''} is longer "
+          f"than model.max_len={config.model.max_len}; raise model.max_len or shorten "
+          "data.seq_len.")
+
+  @classmethod
+  def decoder_name(cls, sample_cfg: Any) -> str:
+    """The decoder `sample_cfg.decoder` names, or the method's default when it is empty."""
+    return sample_cfg.decoder or cls.default_decoder
 
   def __init__(self, config: ml_collections.ConfigDict, ids: SpecialIds):
     self.config = config
@@ -91,9 +116,11 @@ class Method:
 
   def sample(self, params: Any, key: jax.Array, sample_cfg: ml_collections.ConfigDict,
              prompt: jax.Array | None = None) -> dict[str, Any]:
-    raise NotImplementedError
+    """Generates sample_cfg.batch_size rows with the configured decoder of the method's family.
 
-
-def example_keys(key: jax.Array, example_ids: jax.Array) -> jax.Array:
-  """Per-example keys fold_in(key, global example id) [B]: independent of device count and order."""
-  return jax.vmap(lambda i: jax.random.fold_in(key, i))(example_ids)
+    The decoder and its options are checked first (`decoders.check_options`), so a notebook
+    call refuses what the command line refuses. Returns the decoder's output dict (tokens,
+    nfe, ...) plus prompt_len and gen_len.
+    """
+    decoder = decoders.check_options(sample_cfg, self.family, self.default_decoder)
+    return decoder.sample(self, params, key, sample_cfg, prompt)

@@ -1,20 +1,24 @@
-"""MDLM as a method: masking forward process, SUBS, continuous-time NELBO; ancestral and
-block-wise threshold decoding."""
+"""MDLM as a method: masking forward process, SUBS, continuous-time NELBO, and SFT with standard
+or TRIMS masking. Its maths is `dlm_jax.diffusion`; its decoders (ancestral, threshold, fixed_k)
+are the masked family of `dlm_jax.sampling`."""
 
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 
-from dlm_jax.diffusion import mdlm as mdlm_lib
+from dlm_jax.config import ConfigError
+from dlm_jax.diffusion import masked as mdlm_lib
 from dlm_jax.diffusion import schedules
-from dlm_jax.methods.base import Method, example_keys
+from dlm_jax.diffusion.keys import example_keys
+from dlm_jax.methods.base import Method
 from dlm_jax.models import output_head
 from dlm_jax.models.transformer import DTYPES
+from dlm_jax.trims import loss as trims_loss
+from dlm_jax.trims import masks as trims_masks
 
 
 def default_maskable(batch: dict[str, jax.Array], bos_id: int) -> jax.Array:
@@ -48,6 +52,15 @@ class MDLM(Method):
   """Masked diffusion LM (arXiv 2406.07524) with optional TRIMS masking for SFT."""
 
   name = "mdlm"
+  family = "masked"
+  default_decoder = "ancestral"
+
+  @classmethod
+  def check_config(cls, config: ml_collections.ConfigDict) -> None:
+    super().check_config(config)
+    if config.trims.weighting == "uniform" and config.diffusion.normalize == "sum":
+      raise ConfigError("config.diffusion.normalize='sum' does not apply to trims.weighting="
+                        "'uniform' (a mean CE over masked slots); use 'token' or 'sequence'.")
 
   def __init__(self, config: ml_collections.ConfigDict, ids):
     super().__init__(config, ids)
@@ -65,18 +78,18 @@ class MDLM(Method):
     Args:
       batch: tokens / positions / segment_ids [B, L], example_id [B]; optional maskable [B, L]
         (SFT: response slots) and buckets [B, L] int (TRIMS: 1 = hardest .. K, 0 = never mask),
-        already in the order of config.diffusion.masking (see `trims.masking_for`).
+        already in the order of config.trims.masking (see `trims.masks.masking_for`).
       key: the step's key.
 
     Returns:
       (xt [B, L] int32, is_masked [B, L] bool, t [B] float32, maskable [B, L] bool).
     """
-    d = self.config.diffusion
+    d, tr = self.config.diffusion, self.config.trims
     tokens = batch["tokens"]
     b = tokens.shape[0]
     maskable = default_maskable(batch, self.ids.bos)
     ex_keys = example_keys(jax.random.fold_in(key, 1), batch["example_id"])
-    if d.masking == "random":
+    if trims_masks.masking_for(tr.masking).law == "standard":
       if d.time_sampling == "example":
         t = jax.vmap(lambda k: jax.random.uniform(
             jax.random.fold_in(k, 7), (), jnp.float32, d.t_min, 1.0))(ex_keys)
@@ -86,15 +99,13 @@ class MDLM(Method):
       xt, is_masked = mdlm_lib.forward_mask(ex_keys, tokens, t, maskable, self.schedule,
                                             self.ids.mask)
       return xt, is_masked, t, maskable
-    from dlm_jax.diffusion import trims  # pylint: disable=g-import-not-at-top
     if "buckets" not in batch:
-      raise ValueError(f"config.diffusion.masking={d.masking!r} needs per-token difficulty "
+      raise ValueError(f"config.trims.masking={tr.masking!r} needs per-token difficulty "
                        "buckets in the data (run `python -m dlm_jax.score_difficulty` and set "
                        "config.data.path to its output).")
-    mask, _, t = trims.trims_mask_batch(
-        ex_keys, batch["buckets"].astype(jnp.int32), d.trims_buckets,
-        p_context=d.trims_p_context, p_future=d.trims_p_future, k_law=d.trims_k_law,
-        t_min=d.t_min)
+    mask, _, t = trims_masks.trims_mask_batch(
+        ex_keys, batch["buckets"].astype(jnp.int32), tr.num_buckets,
+        p_context=tr.p_context, p_future=tr.p_future, k_law=tr.k_law, t_min=d.t_min)
     is_masked = mask & maskable
     return jnp.where(is_masked, self.ids.mask, tokens), is_masked, t, maskable
 
@@ -102,28 +113,27 @@ class MDLM(Method):
   def train_loss(self, params, batch, key, train=True):
     """Loss of one global batch.
 
-    sft_weighting='inv_t' (default, pretraining): the NELBO estimate w(t) sum CE with
-    config.diffusion.normalize over maskable slots (arm S: 'sequence'). sft_weighting='uniform'
-    (TRIMS default, and the S-u control with masking='random'): mean CE over the masked slots of
-    the global batch, no 1/t.
+    trims.weighting='inv_t' (default, pretraining): the NELBO estimate w(t) sum CE with
+    config.diffusion.normalize over maskable slots (arm S: 'sequence'). trims.weighting='uniform'
+    (TRIMS default, and the S-u control with masking='random'): the uniformly weighted masked CE
+    of `trims.loss.sft_loss` with config.diffusion.normalize ('token': mean over the masked slots
+    of the global batch), no 1/t.
     """
-    d = self.config.diffusion
+    d, weighting = self.config.diffusion, self.config.trims.weighting
     xt, is_masked, t, maskable = self.corrupt(batch, key)
     dropout_key = jax.random.fold_in(key, 2) if train else None
-    if d.sft_weighting != "uniform" and d.normalize == "token":
+    if weighting != "uniform" and d.normalize == "token":
       budget = head_budget(xt.shape[0], xt.shape[1], d.time_sampling)
       if budget < xt.size:
         return self._sparse_head_loss(params, batch, xt, is_masked & maskable, t, maskable,
                                       dropout_key, budget)
     logits, _ = self.apply(params, xt, batch["positions"], batch["segment_ids"], t, dropout_key)
     valid_count = jnp.maximum(jnp.sum(maskable.astype(jnp.float32)), 1.0)
-    if d.sft_weighting == "uniform":
-      ce = mdlm_lib.masked_cross_entropy(logits, batch["tokens"], self.ids.mask)
-      m = is_masked.astype(jnp.float32)
-      count = jnp.maximum(jnp.sum(m), 1.0)
-      loss = jnp.sum(jnp.where(is_masked, ce, 0.0)) / count
-      metrics = dict(loss=loss, masked_ce=loss, masked_frac=jnp.sum(m) / valid_count,
-                     mean_t=jnp.mean(t))
+    if weighting == "uniform":
+      loss, aux = trims_loss.sft_loss(logits, batch["tokens"], is_masked, self.ids.mask,
+                                      d.normalize)
+      metrics = dict(loss=loss, masked_ce=aux["ce_sum"] / jnp.maximum(aux["num_masked"], 1.0),
+                     masked_frac=aux["num_masked"] / valid_count, mean_t=jnp.mean(t))
       return loss, metrics
     loss, aux = mdlm_lib.mdlm_loss(logits, batch["tokens"], is_masked, t, self.schedule,
                                    maskable, self.ids.mask, d.normalize)
@@ -170,60 +180,3 @@ class MDLM(Method):
                              self.ids.mask, num_t=self.config.diffusion.eval_num_t,
                              t_min=self.config.diffusion.t_min)
     return dict(nll_sum=jnp.sum(per_seq), token_count=jnp.sum(maskable.astype(jnp.float32)))
-
-  # -- sampling --------------------------------------------------------------------------------
-  def sample(self, params, key, sample_cfg, prompt=None) -> dict[str, Any]:
-    """Generates sample_cfg.batch_size rows; returns tokens, nfe and decoder statistics."""
-    s = sample_cfg
-    b = s.batch_size
-    if prompt is None:
-      prompt = jnp.full((b, 1), self.ids.bos, jnp.int32)
-    prompt = jnp.asarray(prompt, jnp.int32)
-    gen_len = s.gen_len
-    if not gen_len:  # fill the training length; blockwise decoders need whole blocks
-      gen_len = self.config.data.seq_len - prompt.shape[1]
-      if s.decoder != "ancestral":
-        gen_len = max(s.block_len, gen_len // s.block_len * s.block_len)
-    total = prompt.shape[1] + gen_len
-    if total > self.model_cfg.max_len:
-      raise ValueError(f"prompt ({prompt.shape[1]}) + sample.gen_len ({gen_len}) = {total} is "
-                       f"longer than model.max_len={self.model_cfg.max_len}.")
-    if s.decoder != "ancestral" and gen_len % s.block_len:
-      raise ValueError(f"sample.gen_len={gen_len} must be a multiple of sample.block_len="
-                       f"{s.block_len}.")
-    run = self._compiled_sampler(s, gen_len)
-    out = run(params, key, prompt)
-    return dict(out, prompt_len=prompt.shape[1], gen_len=gen_len)
-
-  def _compiled_sampler(self, s, gen_len: int):
-    """One jitted sampler per (decoder settings, gen_len); params, key, prompt are traced."""
-    from dlm_jax.sampling import ancestral, blockwise, r2  # pylint: disable=g-import-not-at-top
-    cache_key = (s.decoder, s.num_steps, s.block_len, float(s.tau), float(s.t_final),
-                 bool(s.use_cache), s.r2, gen_len)
-    cache = self.__dict__.setdefault("_sampler_cache", {})
-    if cache_key in cache:
-      return cache[cache_key]
-    schedule = self.config.diffusion.schedule
-    r2_cfg = r2.R2Config.from_flags(s.r2, tau=s.tau) if s.r2 else None
-
-    def run(params, key, prompt):
-      fn = self.logits_fn(params)
-      b, p = prompt.shape
-      if s.decoder == "ancestral":
-        x_init = jnp.concatenate([prompt, jnp.full((b, gen_len), self.ids.mask, jnp.int32)], 1)
-        maskable = jnp.broadcast_to(jnp.arange(p + gen_len)[None, :] >= p, (b, p + gen_len))
-        tokens, nfe = ancestral.ancestral_sample(
-            fn, key, x_init, maskable, self.ids.mask, s.num_steps, schedule=schedule,
-            t_final=s.t_final, use_cache=s.use_cache, final_argmax=s.t_final > 0)
-        return dict(tokens=tokens, nfe=nfe)
-      if s.decoder == "fixed_k":
-        res = blockwise.decode_fixed_k(fn, prompt, gen_len, s.block_len, s.num_steps,
-                                       mask_id=self.ids.mask)
-      else:
-        res = blockwise.decode_threshold(fn, prompt, gen_len, s.block_len, tau=s.tau,
-                                         mask_id=self.ids.mask, r2=r2_cfg)
-      return dict(tokens=res.tokens, nfe=res.nfe, commit_step=res.commit_step,
-                  commit_rule=res.commit_rule)
-
-    cache[cache_key] = jax.jit(run)
-    return cache[cache_key]

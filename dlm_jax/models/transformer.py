@@ -249,10 +249,3 @@ class Transformer(nn.Module):
     if cfg.aux_outputs:
       aux = dense(cfg.aux_outputs, ("embed", "aux"), "aux_head", jnp.float32)(y).astype(jnp.float32)
     return logits, aux
-
-
-def forward_flops_per_token(cfg: TransformerConfig, seq_len: int) -> float:
-  """Forward FLOPs per token (matmuls + attention + output head), for tokens/s -> TFLOP/s."""
-  d = cfg.d_model
-  per_block = 2 * 4 * d * d + 2 * 2 * cfg.mlp_ratio * d * d + 4 * seq_len * d
-  return cfg.num_layers * per_block + 2 * d * cfg.vocab_size

@@ -21,11 +21,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from dlm_jax import checkpoint as ckpt_lib
-from dlm_jax import experiment as exp_lib
+from dlm_jax import config as config_lib
 from dlm_jax import parallel
-from dlm_jax.config_lib import ConfigError
+from dlm_jax.run import checkpoint as ckpt_lib
+from dlm_jax.run import experiment as exp_lib
 from dlm_jax.sampling import common
+from dlm_jax.sampling import decoders
 
 
 def _mesh_over(devices: Sequence[jax.Device]) -> jax.sharding.Mesh:
@@ -34,7 +35,10 @@ def _mesh_over(devices: Sequence[jax.Device]) -> jax.sharding.Mesh:
 
 
 def read_run_config(workdir: str, step: int | None = None) -> tuple[ml_collections.ConfigDict, int]:
-  """The config saved with a checkpoint (newest by default) and that checkpoint's step."""
+  """The config saved with a checkpoint (newest by default), on the schema's types, and its step.
+
+  Fields that moved since the run was saved are read under their new names.
+  """
   ckpt = ckpt_lib.Checkpointer(workdir, async_save=False)
   try:
     steps = ckpt.all_steps()
@@ -45,32 +49,12 @@ def read_run_config(workdir: str, step: int | None = None) -> tuple[ml_collectio
     errors = []
     for s in ([chosen] if step is not None else list(reversed(steps))):
       try:
-        return ckpt.read_config(s), s
+        return config_lib.from_saved(ckpt.read_config(s)), s
       except Exception as e:  # pylint: disable=broad-except
         errors.append(f"step {s}: {type(e).__name__}")
     raise ckpt_lib.CheckpointError(f"Could not read any config in {ckpt.directory}: {errors}")
   finally:
     ckpt.close()
-
-
-def _fix_types(loaded: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """JSON loses int/float distinctions; rebuild the config on the schema's types."""
-  from configs import base  # pylint: disable=g-import-not-at-top
-  cfg = base.get_config()
-
-  def merge(dst, src):
-    for k, v in src.items():
-      if k not in dst:
-        continue
-      if isinstance(dst[k], ml_collections.ConfigDict):
-        merge(dst[k], v)
-      elif isinstance(dst[k], float) and isinstance(v, int):
-        dst[k] = float(v)
-      else:
-        dst[k] = v
-
-  merge(cfg, loaded)
-  return cfg
 
 
 @dataclasses.dataclass
@@ -142,7 +126,12 @@ def _eval_sums_jit(run: LoadedRun):
 
 def sample_batches(run: LoadedRun, s: ml_collections.ConfigDict, seed: int = 0,
                    prompt_text: str | None = None) -> dict[str, Any]:
-  """Runs the method's sampler over ceil(num_samples / batch_size) batches."""
+  """Runs the method's decoder over ceil(num_samples / batch_size) batches.
+
+  The decoder and its options are checked first (ConfigError naming the sample.* field), as the
+  `sample` command does.
+  """
+  decoders.check_options(s, run.method.family, run.method.default_decoder, run.method.name)
   tok = run.tokenizer
   prompt = None
   if prompt_text or s.prompt:
@@ -169,8 +158,7 @@ def load(workdir: str, step: int | None = None, use_ema: bool = True,
   if not os.path.exists(ckpt_lib.checkpoint_dir(workdir)) and "://" not in workdir:
     raise ckpt_lib.CheckpointError(f"{workdir} has no checkpoints/ folder; is it a training "
                                    "--workdir?")
-  raw, config_step = read_run_config(workdir, step)
-  config = _fix_types(raw)
+  config, config_step = read_run_config(workdir, step)
   mesh = _mesh_over(list(devices or jax.local_devices()))
   config.unlock()
   # The batch only needs to divide over the notebook's devices for evaluation helpers.
@@ -194,23 +182,3 @@ def write_jsonl(path: str, records: Sequence[dict[str, Any]]) -> None:
   with open(path, "w", encoding="utf-8") as f:
     for r in records:
       f.write(json.dumps(r) + "\n")
-
-
-def parse_sample_overrides(items: Sequence[str]) -> dict:
-  """Parses ["key=value", ...] into typed config.sample overrides (errors name the key)."""
-  from configs import base  # pylint: disable=g-import-not-at-top
-  ref = base.get_config().sample
-  out = {}
-  for item in items:
-    if "=" not in item:
-      raise ConfigError(f"--set {item!r}: expected key=value.")
-    k, v = item.split("=", 1)
-    k = k.removeprefix("config.sample.").removeprefix("sample.")
-    if k not in ref:
-      raise ConfigError(f"--set {k}: unknown sample option; known: {sorted(ref)}.")
-    typ = type(ref[k])
-    try:
-      out[k] = (v.lower() in ("1", "true", "yes")) if typ is bool else typ(v)
-    except ValueError as e:
-      raise ConfigError(f"--set {k}={v!r}: expected {typ.__name__}.") from e
-  return out

@@ -1,25 +1,29 @@
-"""Evaluation as a library (no flags): likelihood bound and optional gen-PPL of a run.
+"""Evaluating a saved run (no flags): likelihood bound, gen-PPL, and task accuracy.
 
 `python -m dlm_jax.evaluate` is the command-line front end; tests, benchmarks and notebooks call
-`run_eval` here, so importing it never defines absl flags.
+`run_eval` / `run_task_eval` here, so importing it never defines absl flags. The measurements
+themselves are `dlm_jax.evaluation`; this module loads the runs and writes the reports.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from typing import Any, Optional, Sequence
 
 import jax
 import numpy as np
 
-from dlm_jax import api
 from dlm_jax import parallel
+from dlm_jax.evaluation import gen_ppl as gen_ppl_lib
+from dlm_jax.evaluation import task_accuracy
+from dlm_jax.run import api
+from dlm_jax.run import trainer as train_lib
 
 
 def run_eval(workdir: str, step: int | None = None, num_batches: int | None = None,
              num_t: int | None = None, use_ema: bool = True, judge_workdir: str | None = None,
              gen_samples: int = 32, sample_overrides: dict | None = None, seed: int = 0) -> dict:
-  from dlm_jax import trainer as train_lib  # pylint: disable=g-import-not-at-top
   run = api.load(workdir, step=step, use_ema=use_ema)
   exp = run.experiment
   if num_t is not None:
@@ -29,7 +33,6 @@ def run_eval(workdir: str, step: int | None = None, num_batches: int | None = No
   res.update(step=run.step, method=run.config.method, params="ema" if use_ema else "raw",
              split=run.config.data.eval_split)
   if judge_workdir:
-    from dlm_jax.analysis import gen_ppl as gen_ppl_lib  # pylint: disable=g-import-not-at-top
     judge = api.load(judge_workdir)
     out = run.sample(num_samples=gen_samples, seed=seed, **(sample_overrides or {}))
     res["gen"] = dict(gen_ppl_lib.gen_ppl(judge, out["texts"]), judge=judge_workdir,
@@ -42,4 +45,43 @@ def run_eval(workdir: str, step: int | None = None, num_batches: int | None = No
     with open(path, "w", encoding="utf-8") as f:
       json.dump(res, f, indent=2)
   res["path"] = path
+  return res
+
+
+def teacher_from_sft_set(config: Any) -> Optional[str]:
+  """The teacher workdir recorded in the run's scored SFT set (config.data.path), if any."""
+  path = getattr(config.data, "path", "")
+  if not path or not path.endswith(".npz") or not os.path.exists(path):
+    return None
+  with np.load(path) as z:
+    if "meta" not in z.files:
+      return None
+    wd = json.loads(str(z["meta"])).get("teacher_workdir")
+  return wd if wd and os.path.exists(wd) else None
+
+
+def run_task_eval(workdir: str, *, taus: Sequence[float] = task_accuracy.DEFAULT_TAUS, n: int = 2000, seed: int = 123,
+                  teacher_workdir: Optional[str] = None, step: Optional[int] = None, use_ema: bool = True,
+                  out_dir: Optional[str] = None) -> dict[str, Any]:
+  """`python -m dlm_jax.evaluate --task_accuracy`: evaluates, writes JSON + PNG, returns the result.
+
+  The teacher for the reveal-rank correlation is `teacher_workdir`, else the one recorded in the
+  run's scored SFT set, else none. AUP uses y_max = the run's own best accuracy (compare arms with
+  a shared y_max via `aup_of`).
+  """
+  run = api.load(workdir, step=step, use_ema=use_ema)
+  teacher_wd = teacher_workdir or teacher_from_sft_set(run.config)
+  teacher = api.load(teacher_wd) if teacher_wd else None
+  res = task_accuracy.evaluate_run(run, taus=taus, n=n, seed=seed, teacher=teacher)
+  y_max = max(p["accuracy"] for p in res["points"])
+  res.update(teacher_workdir=teacher_wd, y_max=y_max,
+             aup_tpf_gen=task_accuracy.aup_of(res["points"], y_max, "tpf_gen") if y_max > 0 else 0.0,
+             aup_tpf_content=task_accuracy.aup_of(res["points"], y_max, "tpf_content") if y_max > 0 else 0.0)
+  out_dir = out_dir or workdir
+  base = os.path.join(out_dir, f"task_eval_step{res['step']}")
+  if parallel.is_main_process():
+    res["plot"] = task_accuracy.plot_curves({os.path.basename(os.path.normpath(workdir)): res["points"]}, base + ".png")
+    res["json"] = base + ".json"
+    with open(base + ".json", "w", encoding="utf-8") as f:
+      json.dump(res, f, indent=2)
   return res

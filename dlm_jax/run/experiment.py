@@ -1,7 +1,9 @@
 """Builds what every entry point shares from a config: tokenizer, method, optimizer, state.
 
-train.py, evaluate.py, sample.py and api.py all go through here, so a checkpoint written by
-one is read back identically by the others.
+train, evaluate, sample and `dlm_jax.load` all go through here, so a checkpoint written by one is
+read back identically by the others. `validate_config` is the one start-up check: the schema and
+values (`dlm_jax.config.validate`), then each plug-in field against its registry (method, data
+source, attention backend, decoder) with the plug-in's own checks.
 """
 
 from __future__ import annotations
@@ -17,9 +19,13 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from dlm_jax import config_lib
+from dlm_jax import config as config_lib
 from dlm_jax import methods
 from dlm_jax import parallel
+from dlm_jax.data import sources
+from dlm_jax.models import attention
+from dlm_jax.run.checkpoint import CheckpointError
+from dlm_jax.sampling import decoders
 
 
 @flax.struct.dataclass
@@ -59,70 +65,39 @@ def make_optimizer(optim: ml_collections.ConfigDict, num_steps: int):
   return optax.chain(*parts), lr
 
 
+def validate_config(config: ml_collections.ConfigDict, *, num_data_parallel: int | None = None,
+                    process_count: int = 1) -> None:
+  """The start-up check; raises ConfigError naming the field to fix.
+
+  Fills config.sample.decoder with the method's default decoder when it is empty.
+  """
+  config_lib.validate(config, num_data_parallel=num_data_parallel, process_count=process_count)
+  method_cls = methods.get_method_class(config.method)
+  source = sources.get(config.data.source)
+  attention.check_config(config.model)
+  method_cls.check_config(config)
+  source.check(config)
+  decoders.check_options(config.sample, method_cls.family, method_cls.default_decoder,
+                         method_cls.name)
+  if not config.sample.decoder:
+    config.sample.decoder = method_cls.default_decoder
+
+
 def make_tokenizer(config: ml_collections.ConfigDict):
-  """The tokenizer named by config.data.tokenizer (the BPE is trained on the corpus once, cached)."""
-  from dlm_jax.data import tokenizers  # pylint: disable=g-import-not-at-top
-  d = config.data
-  if d.source in ("arith", "hmm"):
-    from dlm_jax.data import task_pipeline  # pylint: disable=g-import-not-at-top
-    return (task_pipeline.arith_tokenizer() if d.source == "arith"
-            else task_pipeline.hmm_tokenizer())
-  if d.tokenizer != "bpe":
-    return tokenizers.get_tokenizer(d.tokenizer)
-  # The embedded corpus is the default training text of the BPE (also for 'sft', so a model
-  # pretrained on the embedded default fine-tunes with its own tokenizer).
-  train_texts = None
-  if d.source not in ("bible", "sft"):
-    src = make_source(config, d.train_split)
-    train_texts = [src[i] for i in range(min(len(src), 200_000))]
-  return tokenizers.get_tokenizer("bpe", vocab_size=d.vocab_size, train_texts=train_texts)
-
-
-def make_source(config: ml_collections.ConfigDict, split: str):
-  """A random-access source of documents (str) for `split`."""
-  from dlm_jax.data import sources  # pylint: disable=g-import-not-at-top
-  d = config.data
-  if d.source == "bible":
-    return sources.BibleSource(split)
-  if d.source == "text":
-    return sources.TextFilesSource(d.path, split)
-  if d.source == "tfds":
-    return sources.tfds_source(d.tfds_name, split, d.tfds_data_dir or None)
-  raise config_lib.ConfigError(f"config.data.source={d.source!r} has no document source.")
+  """The tokenizer of the run's data source (a 'bpe' is trained once on the corpus, cached)."""
+  return sources.get(config.data.source).make_tokenizer(config)
 
 
 def make_train_iterator(config: ml_collections.ConfigDict, tokenizer: Any):
-  """Per-process grain iterator of local batches {tokens, segment_ids, positions}."""
-  from dlm_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  d = config.data
-  if d.source in ("arith", "hmm"):
-    from dlm_jax.data import task_pipeline  # pylint: disable=g-import-not-at-top
-    return task_pipeline.make_task_iterator(config, tokenizer, split="train")
-  if d.source == "sft":
-    from dlm_jax.data import task_pipeline  # pylint: disable=g-import-not-at-top
-    return task_pipeline.make_sft_iterator(config, tokenizer, split="train")
-  return pipeline.make_lm_iterator(
-      make_source(config, d.train_split), tokenizer, seq_len=d.seq_len,
-      global_batch_size=config.train.global_batch_size, process_index=jax.process_index(),
-      process_count=jax.process_count(), seed=config.seed, shuffle=d.shuffle, packing=d.packing)
+  """Per-process, checkpointable iterator of local batches {tokens, segment_ids, positions, ...}."""
+  return sources.get(config.data.source).train_iterator(config, tokenizer)
 
 
 def make_eval_iterator(config: ml_collections.ConfigDict, tokenizer: Any,
                        batch_size: int | None = None):
   """Finite, deterministic iterator over the evaluation split."""
-  from dlm_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  d = config.data
-  bs = batch_size or config.train.global_batch_size
-  if d.source in ("arith", "hmm"):
-    from dlm_jax.data import task_pipeline  # pylint: disable=g-import-not-at-top
-    return task_pipeline.make_task_iterator(config, tokenizer, split="validation",
-                                            batch_size=bs)
-  if d.source == "sft":
-    from dlm_jax.data import task_pipeline  # pylint: disable=g-import-not-at-top
-    return task_pipeline.make_sft_iterator(config, tokenizer, split="validation", batch_size=bs)
-  return pipeline.make_eval_iterator(
-      make_source(config, d.eval_split), tokenizer, seq_len=d.seq_len, global_batch_size=bs,
-      process_index=jax.process_index(), process_count=jax.process_count(), packing=d.packing)
+  return sources.get(config.data.source).eval_iterator(
+      config, tokenizer, batch_size or config.train.global_batch_size)
 
 
 @dataclasses.dataclass
@@ -139,8 +114,8 @@ class Experiment:
   def create(cls, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = None,
              tokenizer: Any = None) -> "Experiment":
     mesh = mesh or parallel.make_mesh(config.mesh)
-    config_lib.validate(config, num_data_parallel=parallel.data_parallel_size(mesh),
-                        process_count=jax.process_count())
+    validate_config(config, num_data_parallel=parallel.data_parallel_size(mesh),
+                    process_count=jax.process_count())
     tokenizer = tokenizer or make_tokenizer(config)
     method = methods.make_method(config, tokenizer)
     tx, lr = make_optimizer(config.optim, config.train.num_steps)
@@ -187,7 +162,6 @@ class Experiment:
 
   def check_meta(self, meta: dict[str, Any]) -> None:
     """Raises CheckpointError when a checkpoint cannot belong to this config."""
-    from dlm_jax.checkpoint import CheckpointError  # pylint: disable=g-import-not-at-top
     mine = self.checkpoint_meta()
     if meta.get("method") != mine["method"]:
       raise CheckpointError(

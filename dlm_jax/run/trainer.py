@@ -1,6 +1,6 @@
 """The one train loop (library form): steps, prefetching, evaluation, checkpointing.
 
-`dlm_jax.train` is its command-line entry point; tests and benchmarks call `train()` here.
+`python -m dlm_jax.train` is its command-line entry point; tests and benchmarks call `train()` here.
 
 Multi-host: every process runs this loop on its own data shard (`make_train_iterator` reads
 documents p, p+P, ...); the global batch is assembled with `jax.make_array_from_process_local_data`;
@@ -22,10 +22,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from dlm_jax import checkpoint as ckpt_lib
-from dlm_jax import experiment as exp_lib
 from dlm_jax import metrics as metrics_lib
 from dlm_jax import parallel
+from dlm_jax.data import pipeline
+from dlm_jax.evaluation import likelihood
+from dlm_jax.run import checkpoint as ckpt_lib
+from dlm_jax.run import experiment as exp_lib
 
 
 class NonFiniteLossError(RuntimeError):
@@ -188,24 +190,10 @@ def compile_steps(exp: exp_lib.Experiment):
 
 def evaluate_nelbo(exp: exp_lib.Experiment, eval_step, params, num_batches: int | None,
                    seed: int = 0) -> dict[str, float]:
-  """Sums the method's likelihood terms over (up to num_batches of) the eval split."""
-  it = exp_lib.make_eval_iterator(exp.config, exp.tokenizer)
-  nll, count, n = 0.0, 0.0, 0
-  key = jax.random.key(seed + 12345)
-  for i, local in enumerate(it):
-    if num_batches is not None and i >= num_batches:
-      break
-    batch = parallel.global_batch_from_local(local, exp.mesh)
-    out = eval_step(params, batch, jax.random.fold_in(key, i))
-    nll += float(out["nll_sum"])
-    count += float(out["token_count"])
-    n += 1
-  if n == 0:
-    raise RuntimeError("The evaluation split produced no batch; check config.data.eval_split.")
-  return dict(nelbo_nats_per_token=nll / max(count, 1.0),
-              bits_per_token=metrics_lib.bits_per_token(nll, count),
-              perplexity_bound=metrics_lib.perplexity_bound(nll, count),
-              tokens=count, batches=n, num_t=int(exp.config.diffusion.eval_num_t))
+  """The likelihood bound over (up to num_batches of) the run's evaluation split."""
+  return likelihood.nelbo_report(eval_step, params,
+                                 exp_lib.make_eval_iterator(exp.config, exp.tokenizer), exp.mesh,
+                                 num_batches, int(exp.config.diffusion.eval_num_t), seed)
 
 
 # -- the loop ------------------------------------------------------------------------------------
@@ -384,7 +372,6 @@ def train(config, workdir: str, stop_after_steps: int | None = None,
 def _print_first_batch(batch: dict[str, jax.Array], tokenizer: Any) -> None:
   """Decodes the start of the first row: catches tokenizer and packing bugs at once."""
   try:
-    from dlm_jax.data import pipeline  # pylint: disable=g-import-not-at-top
     local = {k: np.asarray(jax.device_get(v.addressable_shards[0].data)) for k, v in batch.items()}
     print("First batch, row 0:\n" + pipeline.describe_batch(local, tokenizer), flush=True)
   except Exception as e:  # pylint: disable=broad-except

@@ -1,5 +1,4 @@
-"""MDLM ancestral sampler ("ddpm_cache") with caching and float64 draws, and its scheduled
-heavy/light variant (arXiv 2604.02340).
+"""MDLM ancestral sampler ("ddpm_cache") with caching and float64 draws.
 
 Grid t_i = 1 - i (1 - t_final) / T, i = 0..T; step i goes from t = t_i to s = t_{i+1}. Each
 masked, maskable slot draws from the unnormalised weights
@@ -17,58 +16,20 @@ Python arguments static). Run them under `jax.enable_x64(True)` for float64 draw
 
 from __future__ import annotations
 
-import math
 from typing import Callable, Optional, Sequence, Tuple, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dlm_jax.diffusion import schedules
+from dlm_jax.diffusion.masked import subs_log_probs
+from dlm_jax.config import ConfigError
 from dlm_jax.sampling.common import categorical_f64, sampling_dtype
+from dlm_jax.sampling.decoders import masked_decoder, register
 
 LogitsFn = Callable[[jax.Array], jax.Array]
-Schedule = Union[str, Callable[[jax.Array], jax.Array], object]
-
-
-def alpha_fn(schedule: Schedule) -> Callable[[jax.Array], jax.Array]:
-  """alpha(t) of a noise schedule.
-
-  Args:
-    schedule: "loglinear" (alpha_t = 1 - t), "cosine" (alpha_t = cos(pi t / 2)), a callable
-      t -> alpha_t, or an object with an `alpha(t)` method (e.g. a schedules.py object).
-
-  Returns:
-    A function t -> alpha_t.
-  """
-  if isinstance(schedule, str):
-    if schedule == "loglinear":
-      return lambda t: 1.0 - t
-    if schedule == "cosine":
-      return lambda t: jnp.cos(0.5 * math.pi * t)
-    raise ValueError(f"schedule must be 'loglinear', 'cosine', a callable or an object with "
-                     f"alpha(t); got {schedule!r}")
-  if hasattr(schedule, "alpha"):
-    return schedule.alpha
-  if callable(schedule):
-    return schedule
-  raise ValueError(f"schedule must be 'loglinear', 'cosine', a callable or an object with "
-                   f"alpha(t); got {schedule!r}")
-
-
-def subs_log_probs(logits: jax.Array, mask_id: int, dtype=None) -> jax.Array:
-  """log_softmax over V with the mask column set to -inf (SUBS), in `dtype`.
-
-  Args:
-    logits: [..., V] raw logits.
-    mask_id: id of [MASK].
-    dtype: computation dtype (default `sampling_dtype()`).
-
-  Returns:
-    [..., V] log probabilities, -inf at mask_id.
-  """
-  dtype = sampling_dtype() if dtype is None else dtype
-  x = logits.astype(dtype).at[..., mask_id].set(-jnp.inf)
-  return jax.nn.log_softmax(x, axis=-1)
+Schedule = Union[str, object]  # a name or a `dlm_jax.diffusion.schedules` object (alpha(t))
 
 
 def ancestral_step_log_weights(log_probs: jax.Array, t, s, mask_id: int,
@@ -83,12 +44,12 @@ def ancestral_step_log_weights(log_probs: jax.Array, t, s, mask_id: int,
     t: current time (scalar), t > s.
     s: next time (scalar).
     mask_id: id of [MASK].
-    schedule: see `alpha_fn`.
+    schedule: a schedule name or object (`dlm_jax.diffusion.schedules`).
 
   Returns:
     [..., V] log weights summing (in probability) to 1.
   """
-  alpha = alpha_fn(schedule)
+  alpha = schedules.as_schedule(schedule).alpha
   dtype = log_probs.dtype
   t = jnp.asarray(t, dtype)
   s = jnp.asarray(s, dtype)
@@ -127,7 +88,7 @@ def _inverse_cdf_draw(log_w: jax.Array, u: jax.Array, mask_id: int) -> jax.Array
   return jnp.where(u < p_stay, mask_id, idx).astype(jnp.int32)
 
 
-def _check_common(x_init, maskable, num_steps, t_final, uniforms):
+def check_inputs(x_init, maskable, num_steps, t_final, uniforms):
   if x_init.ndim != 2:
     raise ValueError(f"x_init must be [B, L] int32, got shape {x_init.shape}")
   if maskable.shape != x_init.shape:
@@ -141,14 +102,15 @@ def _check_common(x_init, maskable, num_steps, t_final, uniforms):
                      f" got {tuple(uniforms.shape)}")
 
 
-def _sample(logits_fns: Sequence[LogitsFn], key: jax.Array, model_id: jax.Array,
-            x_init: jax.Array, maskable: jax.Array, mask_id: int, num_steps: int,
-            schedule: Schedule, t_final: float, use_cache: bool, final_argmax: bool,
-            uniforms: Optional[jax.Array]) -> Tuple[jax.Array, jax.Array]:
-  """Core loop; returns (tokens [B, L], nfe [M, B]) with M = len(logits_fns)."""
+def sample_loop(logits_fns: Sequence[LogitsFn], key: jax.Array, model_id: jax.Array,
+                x_init: jax.Array, maskable: jax.Array, mask_id: int, num_steps: int,
+                schedule: Schedule, t_final: float, use_cache: bool, final_argmax: bool,
+                uniforms: Optional[jax.Array]) -> Tuple[jax.Array, jax.Array]:
+  """Core loop over one or several models (step i runs model_id[i]; a switch invalidates the
+  cache); returns (tokens [B, L], nfe [M, B]) with M = len(logits_fns)."""
   n_models = len(logits_fns)
   dtype = sampling_dtype()
-  alpha = alpha_fn(schedule)
+  schedule = schedules.as_schedule(schedule)
   x_init = jnp.asarray(x_init, jnp.int32)
   maskable = jnp.asarray(maskable, jnp.bool_)
   b, l = x_init.shape
@@ -188,8 +150,8 @@ def _sample(logits_fns: Sequence[LogitsFn], key: jax.Array, model_id: jax.Array,
     logits, need, nfe = refresh(st, m)
     t = 1.0 - i.astype(dtype) * dt
     s = 1.0 - (i + 1).astype(dtype) * dt
-    log_w = ancestral_step_log_weights(subs_log_probs(logits, mask_id, dtype), t, s, mask_id,
-                                       alpha)
+    log_w = ancestral_step_log_weights(subs_log_probs(logits, mask_id, dtype=dtype), t, s,
+                                       mask_id, schedule)
     if uniforms is None:
       draw = categorical_f64(jax.random.fold_in(key, i), log_w)
     else:
@@ -212,7 +174,7 @@ def _sample(logits_fns: Sequence[LogitsFn], key: jax.Array, model_id: jax.Array,
   if final_argmax:
     m = model_id[t_steps - 1]
     logits, _, nfe = refresh(state, m)
-    logp = subs_log_probs(logits, mask_id, jnp.float32)
+    logp = subs_log_probs(logits, mask_id)
     best = jnp.argmax(logp, axis=-1).astype(jnp.int32)
     masked = (state["tokens"] == mask_id) & maskable
     state = dict(state, tokens=jnp.where(masked, best, state["tokens"]), nfe=nfe)
@@ -236,7 +198,7 @@ def ancestral_sample(logits_fn: Union[LogitsFn, Sequence[LogitsFn]], key: jax.Ar
       generated; any other slot is copied).
     mask_id: id of [MASK].
     num_steps: T.
-    schedule: "loglinear" (default), "cosine", a callable t -> alpha_t or a schedule object.
+    schedule: "loglinear" (default), "cosine" or a `dlm_jax.diffusion.schedules` object.
     t_final: end of the time grid, in [0, 1). With 0 no mask survives the last step.
     use_cache: reuse a sample's logits when its tokens (and the model) did not change.
     final_argmax: after the loop fill leftover masks with the argmax (one more pass for the
@@ -252,49 +214,32 @@ def ancestral_sample(logits_fn: Union[LogitsFn, Sequence[LogitsFn]], key: jax.Ar
   fns = tuple(logits_fn) if isinstance(logits_fn, (list, tuple)) else (logits_fn,)
   x_init = jnp.asarray(x_init)
   maskable = jnp.asarray(maskable)
-  _check_common(x_init, maskable, num_steps, t_final, uniforms)
+  check_inputs(x_init, maskable, num_steps, t_final, uniforms)
   if model_id is None:
     model_id = jnp.zeros((int(num_steps),), jnp.int32)
   elif tuple(np.shape(model_id)) != (int(num_steps),):
     raise ValueError(f"model_id must have shape [num_steps] = ({num_steps},), "
                      f"got {tuple(np.shape(model_id))}")
-  tokens, nfe = _sample(fns, key, model_id, x_init, maskable, mask_id, num_steps, schedule,
+  tokens, nfe = sample_loop(fns, key, model_id, x_init, maskable, mask_id, num_steps, schedule,
                         t_final, use_cache, final_argmax, uniforms)
   return tokens, jnp.sum(nfe, axis=0)
 
 
-def scheduled_ancestral_sample(heavy_fn: LogitsFn, light_fn: LogitsFn, key: jax.Array,
-                               is_light, x_init: jax.Array, maskable: jax.Array, mask_id: int,
-                               num_steps: int, schedule: Schedule = "loglinear",
-                               t_final: float = 0.0, use_cache: bool = True,
-                               final_argmax: bool = False,
-                               uniforms: Optional[jax.Array] = None
-                               ) -> Tuple[jax.Array, jax.Array, jax.Array]:
-  """Ancestral sampling where step i runs the light model if is_light[i], else the heavy one.
+# -- the "ancestral" decoder of masked methods ---------------------------------------------------
+def _run(method, params, key, prompt, gen_len, opts):
+  b, p = prompt.shape
+  x_init = jnp.concatenate([prompt, jnp.full((b, gen_len), method.ids.mask, jnp.int32)], 1)
+  maskable = jnp.broadcast_to(jnp.arange(p + gen_len)[None, :] >= p, (b, p + gen_len))
+  tokens, nfe = ancestral_sample(
+      method.logits_fn(params), key, x_init, maskable, method.ids.mask, opts["num_steps"],
+      schedule=method.schedule, t_final=opts["t_final"], use_cache=opts["use_cache"],
+      final_argmax=opts["t_final"] > 0)
+  return dict(tokens=tokens, nfe=nfe)
 
-  Same draws as `ancestral_sample` for the same key: an all-heavy schedule reproduces it bit
-  for bit. A model switch invalidates the cache.
 
-  Args:
-    heavy_fn: heavy closure tokens [B, L] -> logits [B, L, V].
-    light_fn: light closure with the same interface.
-    key: PRNG key.
-    is_light: [T] bool (or a `ModelSchedule`, expanded).
-    x_init, maskable, mask_id, num_steps, schedule, t_final, use_cache, final_argmax, uniforms:
-      as in `ancestral_sample`.
+def _check(sample_cfg) -> None:
+  if not 0.0 <= sample_cfg.t_final < 1.0:
+    raise ConfigError(f"sample.t_final={sample_cfg.t_final} must lie in [0, 1).")
 
-  Returns:
-    (tokens [B, L] int32, nfe_heavy [B] int32, nfe_light [B] int32).
-  """
-  if hasattr(is_light, "expand"):
-    is_light = is_light.expand()
-  x_init = jnp.asarray(x_init)
-  maskable = jnp.asarray(maskable)
-  _check_common(x_init, maskable, num_steps, t_final, uniforms)
-  if tuple(np.shape(is_light)) != (int(num_steps),):
-    raise ValueError(f"is_light must have shape [num_steps] = ({num_steps},), "
-                     f"got {tuple(np.shape(is_light))}")
-  model_id = jnp.asarray(is_light).astype(jnp.int32)
-  tokens, nfe = _sample((heavy_fn, light_fn), key, model_id, x_init, maskable, mask_id,
-                        num_steps, schedule, t_final, use_cache, final_argmax, uniforms)
-  return tokens, nfe[0], nfe[1]
+
+register(masked_decoder("ancestral", _run, ("num_steps", "t_final", "use_cache"), check=_check))

@@ -22,8 +22,10 @@ from typing import Callable, Optional
 import jax
 import jax.numpy as jnp
 
-from dlm_jax.sampling import r2 as r2_lib
+from dlm_jax.config import ConfigError
+import dlm_jax.sampling.r2 as r2_lib
 from dlm_jax.sampling.common import DecodeResult, categorical_f64
+from dlm_jax.sampling.decoders import masked_decoder, register
 
 LogitsFn = Callable[[jax.Array], jax.Array]
 
@@ -253,3 +255,45 @@ def decode_threshold(logits_fn: LogitsFn, prompt_tokens: jax.Array, gen_len: int
       raise ValueError("r2.token_cluster='random' needs a PRNG key")
   return _decode(logits_fn, prompt_tokens, gen_len, block_len, mask_id, "threshold", tau=tau,
                  temperature=temperature, key=key, r2=r2, max_passes=max_passes)
+
+
+# -- the "threshold" and "fixed_k" decoders of masked methods ------------------------------------
+def _check_block(sample_cfg) -> None:
+  s = sample_cfg
+  if s.block_len < 1:
+    raise ConfigError(f"sample.block_len={s.block_len} must be >= 1.")
+  if s.gen_len and s.gen_len % s.block_len:
+    raise ConfigError(f"sample.gen_len={s.gen_len} must be a multiple of sample.block_len="
+                      f"{s.block_len}.")
+
+
+def _check_threshold(sample_cfg) -> None:
+  _check_block(sample_cfg)
+  if sample_cfg.r2:
+    try:
+      r2_lib.R2Config.from_flags(sample_cfg.r2, tau=sample_cfg.tau)
+    except ValueError as e:
+      raise ConfigError(f"sample.r2: {e}") from None
+
+
+def _run_threshold(method, params, key, prompt, gen_len, opts):
+  del key
+  r2_cfg = r2_lib.R2Config.from_flags(opts["r2"], tau=opts["tau"]) if opts["r2"] else None
+  res = decode_threshold(method.logits_fn(params), prompt, gen_len, opts["block_len"],
+                         tau=opts["tau"], mask_id=method.ids.mask, r2=r2_cfg)
+  return dict(tokens=res.tokens, nfe=res.nfe, commit_step=res.commit_step,
+              commit_rule=res.commit_rule)
+
+
+def _run_fixed_k(method, params, key, prompt, gen_len, opts):
+  del key
+  res = decode_fixed_k(method.logits_fn(params), prompt, gen_len, opts["block_len"],
+                       opts["num_steps"], mask_id=method.ids.mask)
+  return dict(tokens=res.tokens, nfe=res.nfe, commit_step=res.commit_step,
+              commit_rule=res.commit_rule)
+
+
+register(masked_decoder("threshold", _run_threshold, ("block_len", "tau", "r2"), blockwise=True,
+                        check=_check_threshold))
+register(masked_decoder("fixed_k", _run_fixed_k, ("block_len", "num_steps"), blockwise=True,
+                        check=_check_block))

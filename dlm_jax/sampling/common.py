@@ -1,4 +1,4 @@
-"""Shared pieces of the samplers and decoders: result type, float64 draws, intervals.
+"""Shared pieces of the samplers and decoders: result type, float64 draws, batched sampling.
 
 Everything here is a pure function of arrays and PRNG keys.
 
@@ -11,7 +11,6 @@ samplers under `with jax.enable_x64(True):` for any reported generation metric.
 
 from __future__ import annotations
 
-import math
 import time
 from typing import Any, Callable, Tuple
 
@@ -19,6 +18,8 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from dlm_jax import parallel
 
 
 # Values of `DecodeResult.commit_rule`.
@@ -96,33 +97,6 @@ def categorical_f64(key: jax.Array, log_weights: jax.Array) -> jax.Array:
   return jnp.argmax(scores, axis=-1).astype(jnp.int32)
 
 
-def wilson_interval(k: int, n: int, z: float = 1.959963984540054) -> Tuple[float, float]:
-  """Wilson score interval for a binomial proportion k / n (default 95%).
-
-  Args:
-    k: number of successes, 0 <= k <= n.
-    n: number of trials, n > 0.
-    z: standard-normal quantile (1.96 for 95%).
-
-  Returns:
-    (low, high) as Python floats.
-
-  Raises:
-    ValueError: if n <= 0 or k is outside [0, n].
-  """
-  k, n = int(k), int(n)
-  if n <= 0:
-    raise ValueError(f"wilson_interval: n must be positive, got n={n}")
-  if not 0 <= k <= n:
-    raise ValueError(f"wilson_interval: k must lie in [0, n], got k={k}, n={n}")
-  p = k / n
-  z2 = z * z
-  denom = 1.0 + z2 / n
-  centre = (p + z2 / (2 * n)) / denom
-  half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / denom
-  return max(0.0, centre - half), min(1.0, centre + half)
-
-
 def sample_in_batches(sample_one: Callable[[jax.Array], dict[str, Any]], num_samples: int,
                       batch_size: int, seed: int, mesh: Any) -> dict[str, Any]:
   """Runs `sample_one(key)` over ceil(num_samples / batch_size) batches and merges them on host.
@@ -131,7 +105,6 @@ def sample_in_batches(sample_one: Callable[[jax.Array], dict[str, Any]], num_sam
   Per-sample arrays are concatenated and cut to num_samples; anything else is taken from the
   first batch. Adds wall_sec (sampling and transfer time, compilation included).
   """
-  from dlm_jax import parallel  # pylint: disable=g-import-not-at-top
   outs, wall = [], 0.0
   for i in range(-(-int(num_samples) // int(batch_size))):
     key = jax.random.fold_in(jax.random.key(seed), i)

@@ -1,14 +1,15 @@
 """Heavy/light model scheduling for two trained MDLM runs (arXiv 2604.02340).
 
-`sampling/ancestral.py` holds the pure scheduled sampler and `sampling/model_schedule.py` the
-schedules and the FLOPs formulas. This module joins them to restored runs (`dlm_jax.load`):
+`scheduled_ancestral_sample` is the pure sampler (the ancestral loop of `dlm_jax.sampling`
+with a per-step model choice); `schedule.py` holds the schedules and `flops.py` their cost.
+This module joins them to restored runs (`dlm_jax.load`):
 
 - `check_pair_configs` / `check_pair_tokenizers`: the two runs must share the method (MDLM) and
   the tokenizer; a mismatch raises `ScheduleError` before any sampling.
 - `resolve_schedule`: parses "L8,H16,L8" and checks it against the number of steps.
 - `ScheduledSampler`: one jitted sampler per (gen_len, settings); the schedule is a traced
   [T] array, so every schedule of the same length reuses one compilation.
-- `flops_model_config` / `flops_report`: FLOPs per sample from the two model configs in both
+- `flops.flops_model_config` / `flops.flops_report` (in flops.py): FLOPs per sample from the two model configs in both
   conventions ("blocks", "full"), over nominal steps and over the passes actually run (NFE).
 
 No flags or files here: `dlm_jax/sample.py` is the command-line front end.
@@ -16,7 +17,7 @@ No flags or files here: `dlm_jax/sample.py` is the command-line front end.
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional, Union
+from typing import Any, Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -25,21 +26,22 @@ import numpy as np
 
 from dlm_jax.sampling import ancestral
 from dlm_jax.sampling import common
-from dlm_jax.sampling import model_schedule as ms
+from dlm_jax.scheduling import schedule as ms
 
 
 class ScheduleError(ValueError):
   """Two runs cannot be scheduled together, or the schedule does not fit the sampler."""
 
 
-def _tokenizer_signature(config: ml_collections.ConfigDict) -> tuple:
-  """What determines the tokenizer of a run, from its config alone."""
+def tokenizer_signature(config: ml_collections.ConfigDict) -> tuple:
+  """What determines a run's tokenizer from its config alone (a cheap check before loading).
+
+  The authoritative check compares the built tokenizers' fingerprints (`check_pair_tokenizers`).
+  """
   d = config.data
-  if d.source in ("arith", "hmm"):
-    return (d.source,)
-  sig = (d.tokenizer,)
+  sig = (d.source, d.tokenizer)
   if d.tokenizer == "bpe":
-    sig += (int(d.vocab_size), d.source, d.path, d.tfds_name)
+    sig += (int(d.vocab_size), d.path, d.tfds_name)
   return sig
 
 
@@ -62,7 +64,7 @@ def check_pair_configs(heavy: ml_collections.ConfigDict, light: ml_collections.C
   if heavy.method != "mdlm":
     raise ScheduleError(f"model scheduling needs two MDLM runs (ancestral sampling), got "
                         f"method={heavy.method!r}.")
-  hs, ls = _tokenizer_signature(heavy), _tokenizer_signature(light)
+  hs, ls = tokenizer_signature(heavy), tokenizer_signature(light)
   if hs != ls:
     raise ScheduleError(f"the runs use different tokenizers: heavy data/tokenizer {hs} vs light "
                         f"{ls}; train the light model on the same data and tokenizer.")
@@ -119,58 +121,41 @@ def resolve_schedule(spec: Union[str, ms.ModelSchedule], num_steps: Optional[int
   return sched
 
 
-def flops_model_config(config: ml_collections.ConfigDict, vocab_size: int, seq_len: int
-                       ) -> dict[str, Any]:
-  """The fields `model_schedule.forward_flops` needs, from a run config.
+def scheduled_ancestral_sample(heavy_fn: ancestral.LogitsFn, light_fn: ancestral.LogitsFn, key: jax.Array,
+                               is_light, x_init: jax.Array, maskable: jax.Array, mask_id: int,
+                               num_steps: int, schedule: ancestral.Schedule = "loglinear",
+                               t_final: float = 0.0, use_cache: bool = True,
+                               final_argmax: bool = False,
+                               uniforms: Optional[jax.Array] = None
+                               ) -> Tuple[jax.Array, jax.Array, jax.Array]:
+  """Ancestral sampling where step i runs the light model if is_light[i], else the heavy one.
+
+  Same draws as `ancestral_sample` for the same key: an all-heavy schedule reproduces it bit
+  for bit. A model switch invalidates the cache.
 
   Args:
-    config: the run's config (model.num_layers, model.d_model, model.mlp_ratio).
-    vocab_size: V of the output layer.
-    seq_len: length of the sequences the sampler feeds the model (prompt + generated).
+    heavy_fn: heavy closure tokens [B, L] -> logits [B, L, V].
+    light_fn: light closure with the same interface.
+    key: PRNG key.
+    is_light: [T] bool (or a `ModelSchedule`, expanded).
+    x_init, maskable, mask_id, num_steps, schedule, t_final, use_cache, final_argmax, uniforms:
+      as in `ancestral_sample`.
 
   Returns:
-    dict(n_layers, d, seq_len, vocab, mlp_ratio).
+    (tokens [B, L] int32, nfe_heavy [B] int32, nfe_light [B] int32).
   """
-  m = config.model
-  return dict(n_layers=int(m.num_layers), d=int(m.d_model), seq_len=int(seq_len),
-              vocab=int(vocab_size), mlp_ratio=float(m.mlp_ratio))
-
-
-def flops_report(schedule: ms.ModelSchedule, heavy_cfg: Mapping[str, Any],
-                 light_cfg: Mapping[str, Any], nfe_heavy: np.ndarray, nfe_light: np.ndarray,
-                 nfe_all_heavy: Optional[np.ndarray] = None) -> dict[str, dict[str, float]]:
-  """FLOPs per sample of a scheduled run in both conventions.
-
-  Args:
-    schedule: the schedule that ran.
-    heavy_cfg: `flops_model_config` of the heavy model.
-    light_cfg: same for the light model.
-    nfe_heavy: [N] heavy passes per sample.
-    nfe_light: [N] light passes per sample.
-    nfe_all_heavy: optional [N] or scalar NFE of an all-heavy run (same samples) to compare with.
-
-  Returns:
-    {convention: dict(per_pass_heavy, per_pass_light, nominal_per_sample, saving_nominal,
-    nfe_per_sample (mean over samples of the passes actually run), saving_nfe (against the same
-    number of passes all heavy), and with `nfe_all_heavy` saving_vs_all_heavy_nfe)}.
-  """
-  out = {}
-  nh = np.asarray(nfe_heavy, np.float64)
-  nl = np.asarray(nfe_light, np.float64)
-  for conv in ms.CONVENTIONS:
-    nominal, saving_nominal = ms.schedule_flops(schedule, heavy_cfg, light_cfg, conv)
-    cost, _ = ms.schedule_flops(schedule, heavy_cfg, light_cfg, conv, nfe_heavy=nh,
-                                     nfe_light=nl)
-    f_h = ms.model_forward_flops(heavy_cfg, conv)
-    rec = dict(per_pass_heavy=f_h, per_pass_light=ms.model_forward_flops(light_cfg, conv),
-               nominal_per_sample=nominal, saving_nominal=saving_nominal,
-               nfe_per_sample=float(np.mean(cost)),
-               saving_nfe=float(1.0 - np.sum(cost) / max(float(np.sum(nh + nl)) * f_h, 1e-30)))
-    if nfe_all_heavy is not None:
-      base = float(np.mean(np.broadcast_to(np.asarray(nfe_all_heavy, np.float64), nh.shape)))
-      rec["saving_vs_all_heavy_nfe"] = float(1.0 - np.mean(cost) / (base * rec["per_pass_heavy"]))
-    out[conv] = rec
-  return out
+  if hasattr(is_light, "expand"):
+    is_light = is_light.expand()
+  x_init = jnp.asarray(x_init)
+  maskable = jnp.asarray(maskable)
+  ancestral.check_inputs(x_init, maskable, num_steps, t_final, uniforms)
+  if tuple(np.shape(is_light)) != (int(num_steps),):
+    raise ValueError(f"is_light must have shape [num_steps] = ({num_steps},), "
+                     f"got {tuple(np.shape(is_light))}")
+  model_id = jnp.asarray(is_light).astype(jnp.int32)
+  tokens, nfe = ancestral.sample_loop((heavy_fn, light_fn), key, model_id, x_init, maskable, mask_id,
+                        num_steps, schedule, t_final, use_cache, final_argmax, uniforms)
+  return tokens, nfe[0], nfe[1]
 
 
 class ScheduledSampler:
@@ -218,13 +203,13 @@ class ScheduledSampler:
     if key in self._cache:
       return self._cache[key]
     mask_id = self.heavy.ids.mask
-    noise = self.heavy.config.diffusion.schedule
+    noise = self.heavy.schedule
 
     def run(heavy_params, light_params, rng, prompt, is_light, uniforms):
       b, p = prompt.shape
       x_init = jnp.concatenate([prompt, jnp.full((b, gen_len), mask_id, jnp.int32)], 1)
       maskable = jnp.broadcast_to(jnp.arange(p + gen_len)[None, :] >= p, (b, p + gen_len))
-      tokens, nfe_h, nfe_l = ancestral.scheduled_ancestral_sample(
+      tokens, nfe_h, nfe_l = scheduled_ancestral_sample(
           self._fn(self.heavy, heavy_params), self._fn(self.light, light_params), rng, is_light,
           x_init, maskable, mask_id, num_steps, schedule=noise, t_final=t_final,
           use_cache=use_cache, final_argmax=t_final > 0, uniforms=uniforms)

@@ -1,12 +1,8 @@
-"""Heavy/light model schedules for ancestral sampling (arXiv 2604.02340) and FLOPs accounting.
+"""Heavy/light model schedules for ancestral sampling (arXiv 2604.02340).
 
 A schedule is a sequence of contiguous segments, e.g. (("L", 125), ("H", 750), ("L", 125)):
 light model on steps [0, 125) and [875, 1000) (the "sandwich"); step 0 is the noisy start.
-
-FLOPs of one forward pass over a length-L sequence, n_layers blocks of width d, MLP ratio r,
-vocabulary V (per token per block: QKV + output 8 d^2, MLP 4 r d^2, QK^T and AV 4 L d):
-  blocks = L n_layers (8 d^2 + 4 r d^2 + 4 L d)
-  full   = L (n_layers (8 d^2 + 4 r d^2 + 4 L d) + 2 d V)   (adds the output projection).
+Their cost is counted in `dlm_jax.scheduling.flops`.
 """
 
 from __future__ import annotations
@@ -16,7 +12,6 @@ from typing import Any, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-CONVENTIONS = ("blocks", "full")
 FAMILIES = ("prefix", "suffix", "sandwich", "middle")
 
 
@@ -136,96 +131,6 @@ def parse_schedule(spec: str, num_steps: Optional[int] = None) -> ModelSchedule:
       raise ValueError(f"schedule {spec!r}: segment {part!r} must look like H750 or L125")
     segs.append((kind, int(digits)))
   return ModelSchedule(segs, num_steps=num_steps)
-
-
-def forward_flops(n_layers: int, d: int, seq_len: int, vocab: int, mlp_ratio: float = 4,
-                  convention: str = "blocks") -> float:
-  """Forward FLOPs of one pass over a length-`seq_len` sequence.
-
-  Args:
-    n_layers: transformer blocks.
-    d: model width.
-    seq_len: L.
-    vocab: V (used by "full" only).
-    mlp_ratio: MLP hidden width / d.
-    convention: "blocks" (transformer blocks only) or "full" (plus the output projection).
-
-  Returns:
-    FLOPs as a Python float.
-  """
-  if convention not in CONVENTIONS:
-    raise ValueError(f"convention must be one of {CONVENTIONS}, got {convention!r}")
-  d, seq_len = float(d), float(seq_len)
-  per_token_block = 8.0 * d * d + 4.0 * float(mlp_ratio) * d * d + 4.0 * seq_len * d
-  per_token = n_layers * per_token_block
-  if convention == "full":
-    per_token += 2.0 * d * float(vocab)
-  return seq_len * per_token
-
-
-_CFG_KEYS = ("n_layers", "d", "seq_len", "vocab")
-
-
-def _cfg_flops(cfg: Union[Mapping[str, Any], Any], convention: str) -> float:
-  """forward_flops of a model described by a mapping or an object with the same fields."""
-  get = (lambda k, dflt=None: cfg.get(k, dflt)) if isinstance(cfg, Mapping) else (
-      lambda k, dflt=None: getattr(cfg, k, dflt))
-  missing = [k for k in _CFG_KEYS if get(k) is None]
-  if missing:
-    raise ValueError(f"model config lacks field(s) {missing}; needs {_CFG_KEYS} "
-                     f"(and optionally mlp_ratio)")
-  return forward_flops(int(get("n_layers")), int(get("d")), int(get("seq_len")),
-                       int(get("vocab")), float(get("mlp_ratio", 4)), convention)
-
-
-def model_forward_flops(cfg: Union[Mapping[str, Any], Any], convention: str = "blocks") -> float:
-  """`forward_flops` of a model described by a mapping or object with n_layers, d, seq_len,
-  vocab (and optionally mlp_ratio)."""
-  return _cfg_flops(cfg, convention)
-
-
-def schedule_flops(is_light, heavy_cfg, light_cfg, convention: str = "blocks",
-                   nfe_heavy=None, nfe_light=None, nfe_baseline=None
-                   ) -> Tuple[Union[float, np.ndarray], Union[float, np.ndarray]]:
-  """FLOPs per sample of a schedule and its saving versus all heavy.
-
-  Without NFE the cost counts nominal steps: n_H F_H + n_L F_L over the schedule's steps,
-  against T F_H. With `nfe_heavy` / `nfe_light` (per sample [B] or scalars, e.g. from
-  `scheduled_ancestral_sample`) it counts the passes actually run, against the same number of
-  passes all heavy, or against `nfe_baseline` heavy passes when given (e.g. the NFE of an
-  all-heavy run).
-
-  Args:
-    is_light: [T] bool or a `ModelSchedule`.
-    heavy_cfg: mapping/object with n_layers, d, seq_len, vocab (and optionally mlp_ratio).
-    light_cfg: same for the light model.
-    convention: "blocks" or "full".
-    nfe_heavy: optional heavy passes per sample.
-    nfe_light: optional light passes per sample.
-    nfe_baseline: optional all-heavy passes per sample to compare against.
-
-  Returns:
-    (flops_per_sample, saving = 1 - cost / cost_all_heavy); floats, or arrays for array NFE.
-  """
-  if isinstance(is_light, ModelSchedule):
-    is_light = is_light.expand()
-  is_light = np.asarray(is_light, bool)
-  f_h = _cfg_flops(heavy_cfg, convention)
-  f_l = _cfg_flops(light_cfg, convention)
-  if (nfe_heavy is None) != (nfe_light is None):
-    raise ValueError("give both nfe_heavy and nfe_light, or neither")
-  if nfe_heavy is None:
-    n_l = float(np.sum(is_light))
-    n_h = float(is_light.size) - n_l
-  else:
-    n_h = np.asarray(nfe_heavy, np.float64)
-    n_l = np.asarray(nfe_light, np.float64)
-  cost = n_h * f_h + n_l * f_l
-  base_n = (n_h + n_l) if nfe_baseline is None else np.asarray(nfe_baseline, np.float64)
-  saving = 1.0 - cost / (base_n * f_h)
-  if np.ndim(cost) == 0:
-    return float(cost), float(saving)
-  return cost, saving
 
 
 def enumerate_placements(num_segments: int, num_light: int) -> List[Tuple[int, ...]]:

@@ -24,16 +24,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dlm_jax.diffusion import schedules
+from dlm_jax.diffusion.masked import subs_log_probs
 from dlm_jax.sampling import ancestral
-from dlm_jax.sampling import model_schedule as ms
-from dlm_jax.sampling.common import categorical_f64
+from dlm_jax.sampling.common import categorical_f64, sampling_dtype
+from dlm_jax.scheduling import schedule as ms
 
 LogitsFn = Callable[[jax.Array], jax.Array]
 
 
 def _subs_logp(logits: jax.Array, mask_id: int) -> jax.Array:
   """float32 log-softmax with the mask column removed: [..., V]."""
-  return ancestral.subs_log_probs(logits, mask_id, jnp.float32)
+  return subs_log_probs(logits, mask_id)
 
 
 def _kl(logp: jax.Array, logq: jax.Array) -> jax.Array:
@@ -72,7 +74,7 @@ def time_curves(heavy_fn: LogitsFn, light_fn: Optional[LogitsFn], x0, t_grid: Se
     key: PRNG key of the masks.
     mask_id: id of [MASK].
     maskable: optional [N, L] bool, slots that may be masked (default all).
-    schedule: noise schedule ("loglinear", "cosine", callable or object with alpha(t)).
+    schedule: noise schedule ("loglinear", "cosine" or a `dlm_jax.diffusion.schedules` object).
     batch_size: rows per forward.
 
   Returns:
@@ -80,7 +82,7 @@ def time_curves(heavy_fn: LogitsFn, light_fn: Optional[LogitsFn], x0, t_grid: Se
     kl [K]); each entry is a mean over masked slots (nats); masked [K] slot counts.
   """
   x0, maskable, t_grid = _check_inputs(x0, maskable, t_grid)
-  alpha = ancestral.alpha_fn(schedule)
+  alpha = schedules.as_schedule(schedule).alpha
   u_all = np.asarray(jax.random.uniform(key, x0.shape, jnp.float32))
   two = light_fn is not None
 
@@ -174,7 +176,7 @@ def trajectory_kl(heavy_fn: LogitsFn, light_fn: LogitsFn, key: jax.Array, x_init
   t_steps = int(num_steps)
   if t_steps < 1:
     raise ValueError(f"num_steps must be >= 1, got {num_steps}")
-  alpha = ancestral.alpha_fn(schedule)
+  schedule = schedules.as_schedule(schedule)
 
   @jax.jit
   def run(x):
@@ -183,11 +185,11 @@ def trajectory_kl(heavy_fn: LogitsFn, light_fn: LogitsFn, key: jax.Array, x_init
       logits_h = heavy_fn(tokens)
       lh = _subs_logp(logits_h, mask_id)
       kl = _kl(lh, _subs_logp(light_fn(tokens), mask_id))
-      dtype = ancestral.sampling_dtype()
+      dtype = sampling_dtype()
       t = 1.0 - i.astype(dtype) / t_steps
       s = 1.0 - (i + 1).astype(dtype) / t_steps
       log_w = ancestral.ancestral_step_log_weights(
-          ancestral.subs_log_probs(logits_h, mask_id, dtype), t, s, mask_id, alpha)
+          subs_log_probs(logits_h, mask_id, dtype=dtype), t, s, mask_id, schedule)
       draw = categorical_f64(jax.random.fold_in(key, i), log_w)
       new = jnp.where(masked, draw, tokens)
       revealed = masked & (new != mask_id)
@@ -273,28 +275,6 @@ def search_placements(score_fn: Callable[[ms.ModelSchedule], float], num_segment
   for i, r in enumerate(recs):
     r["rank"] = i + 1
   return recs
-
-
-def rank_correlation(a: Sequence[float], b: Sequence[float]) -> float:
-  """Spearman rank correlation (average ranks for ties)."""
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  if a.shape != b.shape or a.ndim != 1 or a.size < 2:
-    raise ValueError(f"need two 1-D sequences of equal length >= 2, got {a.shape}, {b.shape}")
-
-  def ranks(x):
-    order = np.argsort(x, kind="stable")
-    r = np.empty_like(x)
-    r[order] = np.arange(x.size, dtype=np.float64)
-    for v in np.unique(x):
-      sel = x == v
-      r[sel] = r[sel].mean()
-    return r
-
-  ra, rb = ranks(a), ranks(b)
-  ra -= ra.mean()
-  rb -= rb.mean()
-  denom = np.sqrt(np.sum(ra * ra) * np.sum(rb * rb))
-  return float(np.sum(ra * rb) / denom) if denom > 0 else 0.0
 
 
 def all_assignments(num_segments: int) -> list[tuple[int, ...]]:

@@ -1,29 +1,21 @@
-"""Synthetic tasks with exact answers or exact likelihoods, plus prompt/response JSONL loading.
-
-- ARITH-CHAIN (spec/trims.md, "Toy reproduction on CPU"): chained +/* arithmetic mod 100 with an optional swapped
-  rendering per step; exact answers and an exact "valid trace" check.
-- HMM-16 (spec/decoding.md): 8 hidden states, 16 symbols; exact log-likelihood by the forward algorithm (float64).
-  `HMM16VarLen` (spec/did.md): length n ~ U{8..32}, then HMM-16 for n steps; log p includes log(1/25).
-- `load_prompt_response_jsonl`: real SFT data, one JSON object per line.
-
-Everything here is host-side numpy and deterministic from its seed.
+"""ARITH-CHAIN (spec/trims.md, "Toy reproduction on CPU"): chained +/* arithmetic mod 100 with an
+optional swapped rendering per step; exact answers and an exact "valid trace" check. Host-side
+numpy, deterministic from its seed. Registered as the data source 'arith'.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
-import os
-from typing import Any, Callable, Iterator, Optional, Sequence, Union
+from typing import Any, Iterator, Optional, Sequence, Union
 
 import numpy as np
 
-Seed = Union[int, Sequence[int], np.random.SeedSequence]
+from dlm_jax.data.base import DataSource
+from dlm_jax.data.tasks import sft
+from dlm_jax.data.tasks.common import TaskIterator, TaskTokenizer, prompt_response_rows, seed_of
+from dlm_jax.config import ConfigError
 
-# ---------------------------------------------------------------------------------------------------------------
-# ARITH-CHAIN
-# ---------------------------------------------------------------------------------------------------------------
+Seed = Union[int, Sequence[int], np.random.SeedSequence]
 
 PLUS, TIMES, EQUALS, RESERVED, ARROW, QUERY, BOS, EOS, PAD, MASK = 10, 11, 12, 13, 14, 15, 16, 17, 18, 19
 ARITH_VOCAB_SIZE = 20
@@ -275,240 +267,61 @@ def exact_match(pred_responses: np.ndarray, answers: Sequence[int]) -> np.ndarra
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# HMM-16
-# ---------------------------------------------------------------------------------------------------------------
-
-HMM_NUM_SYMBOLS = 16
-HMM_BOS, HMM_MASK, HMM_PAD = 16, 17, 18
-"""Project ids for models over HMM-16 data: symbols 0..15, then BOS, MASK, PAD (a model may use a prefix)."""
 
 
-def _logsumexp(a: np.ndarray, axis: int) -> np.ndarray:
-  """log sum exp along axis, exact -inf when every term is -inf."""
-  m = np.max(a, axis=axis, keepdims=True)
-  m = np.where(np.isfinite(m), m, 0.0)
-  with np.errstate(divide="ignore"):
-    out = np.log(np.sum(np.exp(a - m), axis=axis, keepdims=True)) + m
-  return np.squeeze(out, axis=axis)
+def arith_tokenizer() -> TaskTokenizer:
+  return TaskTokenizer("arith", ARITH_SYMBOLS, bos=BOS, eos=EOS, pad=PAD, mask=MASK)
 
 
-def _rng_from(seed_or_key: Any) -> np.random.Generator:
-  """numpy Generator from an int / sequence seed or from a JAX PRNG key (its key data seeds the generator)."""
-  if isinstance(seed_or_key, np.random.Generator):
-    return seed_or_key
-  if type(seed_or_key).__module__.split(".")[0] in ("jax", "jaxlib"):
-    import jax  # deferred: the numpy paths never need jax.
-    if jax.dtypes.issubdtype(seed_or_key.dtype, jax.dtypes.prng_key):
-      seed_or_key = jax.random.key_data(seed_or_key)
-    return np.random.default_rng(np.asarray(seed_or_key).astype(np.uint64).ravel().tolist())
-  return np.random.default_rng(seed_or_key)
+def _iterator(config: Any, split: str, batch_size: int, num_batches: Optional[int]):
+  d = config.data
+  task = ArithChain()
+  need = task.prompt_len + task.response_len
+  if d.seq_len != need:
+    raise ConfigError(f"config.data.seq_len must be {need} for ARITH-CHAIN "
+                      f"(prompt {task.prompt_len} + response {task.response_len}).")
+  if d.path and split == "train":
+    return sft.scored_set_iterator(config, batch_size, shuffle=True, num_batches=num_batches)
+
+  def make(i):
+    return prompt_response_rows(task.generate(seed_of(config.seed, split, i), batch_size),
+                                i * batch_size)
+  return TaskIterator(make, batch_size, num_batches)
 
 
-def _categorical(rng: np.random.Generator, probs: np.ndarray) -> np.ndarray:
-  """One draw per row of probs [n, K] by inverse CDF in float64."""
-  cdf = np.cumsum(probs, axis=-1)
-  u = rng.random(probs.shape[0]) * cdf[:, -1]
-  return np.minimum((u[:, None] >= cdf).sum(-1), probs.shape[1] - 1)
+def parse_arith_spec(spec: str) -> dict[str, int]:
+  """'arith:seed=11,n=1000[,kmax=3,swap=1]' -> dict; errors name the bad part."""
+  body = spec[len("arith:"):] if spec.startswith("arith:") else spec
+  out = dict(seed=11, n=1000, kmax=3, swap=1)
+  for part in filter(None, body.split(",")):
+    if "=" not in part:
+      raise sft.SFTDataError(f"--data={spec!r}: expected key=value in {part!r} (keys: {sorted(out)}).")
+    k, v = part.split("=", 1)
+    if k not in out:
+      raise sft.SFTDataError(f"--data={spec!r}: unknown key {k!r} (keys: {sorted(out)}).")
+    try:
+      out[k] = int(v)
+    except ValueError:
+      raise sft.SFTDataError(f"--data={spec!r}: {k} must be an integer, got {v!r}.") from None
+  if out["n"] < 1:
+    raise sft.SFTDataError(f"--data={spec!r}: n must be >= 1.")
+  return out
 
 
-@dataclasses.dataclass(frozen=True, eq=False)
-class HMM16:
-  """The HMM-16 source (no RNG in its parameters); `smoothed()` gives the evaluator.
-
-  Attributes:
-    A: [8, 8] transitions, A[i, i] = 0.85, A[i, i+1] = 0.10, A[i, i+3] = 0.05 (mod 8); doubly stochastic.
-    B: [8, 16] emissions, B[z, (2z + j) mod 16] = (0.4, 0.3, 0.2, 0.1)[j].
-    pi: [8] uniform start distribution.
-  """
-  A: np.ndarray = dataclasses.field(default=None, repr=False)
-  B: np.ndarray = dataclasses.field(default=None, repr=False)
-  pi: np.ndarray = dataclasses.field(default=None, repr=False)
-  delta: float = 0.0
-
-  NUM_STATES = 8
-  VOCAB_SIZE = HMM_NUM_SYMBOLS
-
-  def __post_init__(self):
-    s, v = self.NUM_STATES, self.VOCAB_SIZE
-    if self.A is None:
-      a = np.zeros((s, s))
-      for i in range(s):
-        a[i, i] += 0.85
-        a[i, (i + 1) % s] += 0.10
-        a[i, (i + 3) % s] += 0.05
-      object.__setattr__(self, "A", a)
-    if self.B is None:
-      b = np.zeros((s, v))
-      for z in range(s):
-        for j, p in enumerate((0.4, 0.3, 0.2, 0.1)):
-          b[z, (2 * z + j) % v] += p
-      object.__setattr__(self, "B", b)
-    if self.pi is None:
-      object.__setattr__(self, "pi", np.full(s, 1.0 / s))
-
-  def smoothed(self, delta: float = 1e-3) -> "HMM16":
-    """Evaluator: A_s = (1 - delta) A + delta / 8, B_s = (1 - delta) B + delta / 16 (finite NLL everywhere)."""
-    return HMM16(A=(1 - delta) * self.A + delta / self.NUM_STATES,
-                 B=(1 - delta) * self.B + delta / self.VOCAB_SIZE, pi=self.pi.copy(), delta=delta)
-
-  def stationary(self) -> np.ndarray:
-    """Stationary law of A, [8] (uniform, since A is doubly stochastic)."""
-    w, vecs = np.linalg.eig(self.A.T)
-    p = np.real(vecs[:, np.argmin(np.abs(w - 1))])
-    return p / p.sum()
-
-  def unigram(self) -> np.ndarray:
-    """Symbol law under the stationary state law, [16]."""
-    return self.stationary() @ self.B
-
-  def unigram_entropy(self) -> float:
-    """Entropy (nats) of `unigram()`."""
-    p = self.unigram()
-    p = p[p > 0]
-    return float(-(p * np.log(p)).sum())
-
-  def sample(self, seed_or_key: Any, n: int, L: int) -> np.ndarray:
-    """n sequences of length L: int32 [n, L] in 0..15, deterministic from an int seed or a JAX key."""
-    rng = _rng_from(seed_or_key)
-    x = np.empty((n, L), np.int32)
-    z = _categorical(rng, np.broadcast_to(self.pi, (n, self.NUM_STATES)))
-    for t in range(L):
-      if t > 0:
-        z = _categorical(rng, self.A[z])
-      x[:, t] = _categorical(rng, self.B[z])
-    return x
-
-  def log_prob(self, x: np.ndarray, lengths: Optional[np.ndarray] = None) -> np.ndarray:
-    """Exact log p(x) by the forward algorithm in float64 log space.
-
-    Args:
-      x: [B, L] int symbols; ids outside 0..15 inside the scored prefix give -inf.
-      lengths: optional [B] int in 1..L, score only x[b, :lengths[b]]; None = all L.
-
-    Returns:
-      float64 [B] log-likelihoods (-inf for impossible sequences under the unsmoothed source).
-    """
-    x = np.atleast_2d(np.asarray(x))
-    n, length = x.shape
-    lens = np.full(n, length) if lengths is None else np.asarray(lengths).ravel()
-    if lens.shape != (n,) or (n and (lens.min() < 1 or lens.max() > length)):
-      raise ValueError(f"lengths must be [B] in 1..{length}, got {lens}")
-    with np.errstate(divide="ignore"):
-      log_a, log_b, log_pi = np.log(self.A), np.log(self.B), np.log(self.pi)
-    in_vocab = (x >= 0) & (x < self.VOCAB_SIZE)
-    xs = np.where(in_vocab, x, 0)
-    scored = np.arange(length)[None, :] < lens[:, None]
-    bad = (~in_vocab & scored).any(1)
-    alpha = log_pi[None, :] + log_b[:, xs[:, 0]].T
-    for t in range(1, length):
-      new = _logsumexp(alpha[:, :, None] + log_a[None], axis=1) + log_b[:, xs[:, t]].T
-      alpha = np.where((t < lens)[:, None], new, alpha)
-    out = _logsumexp(alpha, axis=1)
-    return np.where(bad, -np.inf, out)
+def arith_set(spec: str) -> sft.SFTSet:
+  """A generated ARITH-CHAIN set: `generate(seed, n)` (example i depends only on (seed, i))."""
+  a = parse_arith_spec(spec)
+  task = ArithChain(kmax=a["kmax"], swap=bool(a["swap"]))
+  ex = task.generate(a["seed"], a["n"])
+  resp_len = (ex["response"] != EOS).sum(1).astype(np.int32)
+  return sft.SFTSet(prompt=ex["prompt"], response=ex["response"],
+                example_id=np.arange(a["n"], dtype=np.int32), response_len=resp_len,
+                extra=dict(answer=ex["answer"], num_steps=ex["num_steps"]), spec=spec)
 
 
-@dataclasses.dataclass(frozen=True, eq=False)
-class HMM16VarLen:
-  """Variable-length HMM-16 (spec/did.md): n ~ U{min_len..max_len}, then HMM-16 for n steps.
-
-  log p(x) = -log(max_len - min_len + 1) + HMM forward log-likelihood of the first n symbols (log(1/25) by default).
-
-  Attributes:
-    hmm: the source (or `HMM16().smoothed()` as evaluator).
-    min_len: smallest length.
-    max_len: largest length (= padded width).
-    pad_id: id written after the end of each sequence.
-  """
-  hmm: HMM16 = dataclasses.field(default_factory=HMM16)
-  min_len: int = 8
-  max_len: int = 32
-  pad_id: int = HMM_PAD
-
-  @property
-  def num_lengths(self) -> int:
-    return self.max_len - self.min_len + 1
-
-  def smoothed(self, delta: float = 1e-3) -> "HMM16VarLen":
-    """Same length law with the smoothed HMM evaluator."""
-    return dataclasses.replace(self, hmm=self.hmm.smoothed(delta))
-
-  def sample(self, seed_or_key: Any, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """(x int32 [n, max_len] padded with pad_id, lengths int32 [n])."""
-    rng = _rng_from(seed_or_key)
-    lengths = rng.integers(self.min_len, self.max_len + 1, size=n).astype(np.int32)
-    x = self.hmm.sample(rng, n, self.max_len)
-    x = np.where(np.arange(self.max_len)[None, :] < lengths[:, None], x, self.pad_id).astype(np.int32)
-    return x, lengths
-
-  def lengths_of(self, x: np.ndarray) -> np.ndarray:
-    """Length of each row = position of its first pad_id (max_len if none), int32 [B]."""
-    x = np.atleast_2d(np.asarray(x))
-    is_pad = x == self.pad_id
-    return np.where(is_pad.any(1), np.argmax(is_pad, 1), x.shape[1]).astype(np.int32)
-
-  def log_prob(self, x: np.ndarray, lengths: Optional[np.ndarray] = None) -> np.ndarray:
-    """log p(x) float64 [B]; lengths default to `lengths_of(x)`; a length outside min_len..max_len gives -inf."""
-    x = np.atleast_2d(np.asarray(x))
-    lens = self.lengths_of(x) if lengths is None else np.asarray(lengths).ravel().astype(np.int64)
-    ok = (lens >= self.min_len) & (lens <= min(self.max_len, x.shape[1]))
-    lp = self.hmm.log_prob(x, np.clip(lens, 1, x.shape[1]))
-    return np.where(ok, lp - math.log(self.num_lengths), -np.inf)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Prompt/response JSONL
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def load_prompt_response_jsonl(path: Union[str, os.PathLike], tokenizer_encode: Callable[[str], Sequence[int]],
-                               max_len: int, prompt_key: str = "prompt",
-                               response_key: str = "response") -> list[dict[str, Any]]:
-  """Read SFT pairs: one JSON object per line with string fields `prompt_key` and `response_key`.
-
-  Blank lines are skipped. Each example is {"prompt": int32 [P], "response": int32 [R], "example_id": int (0-based
-  index among the examples), "line": int (1-based line number)}.
-
-  Args:
-    path: the .jsonl file.
-    tokenizer_encode: text -> token ids.
-    max_len: the largest allowed P + R.
-    prompt_key: field holding the prompt text.
-    response_key: field holding the response text.
-
-  Raises:
-    FileNotFoundError: the file does not exist.
-    ValueError: naming the file and line, for a line that is not a JSON object, lacks a field, has a non-string
-      field, an empty response, or P + R > max_len; and for a file without any example.
-  """
-  path = os.fspath(path)
-  if max_len < 2:
-    raise ValueError(f"max_len must be >= 2, got {max_len}")
-  examples = []
-  with open(path, "r", encoding="utf-8") as f:
-    for lineno, line in enumerate(f, start=1):
-      if not line.strip():
-        continue
-      where = f"{path}:{lineno}"
-      try:
-        obj = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
-      if not isinstance(obj, dict):
-        raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-      for key in (prompt_key, response_key):
-        if key not in obj:
-          raise ValueError(f"{where}: missing field {key!r} (fields present: {sorted(obj)})")
-        if not isinstance(obj[key], str):
-          raise ValueError(f"{where}: field {key!r} must be a string, got {type(obj[key]).__name__}")
-      prompt = np.asarray(list(tokenizer_encode(obj[prompt_key])), np.int32)
-      response = np.asarray(list(tokenizer_encode(obj[response_key])), np.int32)
-      if response.size == 0:
-        raise ValueError(f"{where}: field {response_key!r} encodes to no tokens")
-      total = prompt.size + response.size
-      if total > max_len:
-        raise ValueError(f"{where}: prompt + response is {total} tokens ({prompt.size} + {response.size}), "
-                         f"longer than max_len = {max_len}")
-      examples.append({"prompt": prompt, "response": response, "example_id": len(examples), "line": lineno})
-  if not examples:
-    raise ValueError(f"{path}: no examples (the file is empty or blank)")
-  return examples
+SOURCE = DataSource(
+    "arith", make_tokenizer=lambda config: arith_tokenizer(),
+    train_iterator=lambda config, tok: _iterator(config, "train", config.train.global_batch_size,
+                                                 None),
+    eval_iterator=lambda config, tok, bs: _iterator(config, "validation", bs,
+                                                    config.train.eval_batches))

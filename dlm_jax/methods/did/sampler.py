@@ -1,4 +1,4 @@
-"""DID sampler: tau-leaping insertions from [BOS] (spec/did.md, "Sampler").
+"""DID's decoder ("did"): tau-leaping insertions from [BOS] (spec/did.md, "Sampler").
 
 Time grid t_i = 1 - i / T, i = 0..T-1. At step i every open gap r of [BOS] + x_t independently draws one outcome:
 "insert v after token r" with weight kappa s[r, v] or "no insertion" with weight max(0, 1 - kappa sum_v s[r, v]),
@@ -18,6 +18,10 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+from dlm_jax.config import ConfigError
+from dlm_jax.sampling.decoders import Decoder, cached, register
 
 Array = jax.Array
 ScoreFn = Callable[[Array, Array, Array], Array]
@@ -174,3 +178,49 @@ def did_sample(score_fn: ScoreFn, key: Array, batch_size: int, num_steps: int, c
   n_out = lens - 1
   out = jnp.where(jnp.arange(capacity)[None, :] < n_out[:, None], tok[:, 1:], pad_id)
   return out, n_out, nfe, dropped
+
+
+# -- the "did" decoder ---------------------------------------------------------------------------
+def sample_insertion(method, params, key, sample_cfg, prompt=None) -> dict:
+  """Tau-leaping insertions from [BOS] (+ prompt) in sample.num_steps steps, up to sample.capacity tokens.
+
+  `method` is a DID method (score_fn, capacity rules, special ids). Returns tokens [B, capacity]
+  (prompt + generated, pad_id past the length), lengths [B] (generated tokens), total_lengths [B]
+  (prompt included), nfe [B], dropped [B] (insertions past capacity), prompt_len, gen_len.
+  """
+  s = sample_cfg
+  b = s.batch_size
+  p_ids = np.zeros((b, 0), np.int32)
+  if prompt is not None:
+    p_ids = np.asarray(prompt, np.int32)
+    if p_ids.ndim == 1:
+      p_ids = np.tile(p_ids[None], (b, 1))
+    if p_ids.shape[1] and np.all(p_ids[:, 0] == method.ids.bos):
+      p_ids = p_ids[:, 1:]  # the sampler adds BOS itself
+    if np.isin(p_ids, method.disallowed).any():
+      raise ValueError("The prompt contains special ids (BOS/PAD/MASK) after its first token.")
+  plen = p_ids.shape[1]
+  cap = method._capacity(s, plen)  # pylint: disable=protected-access
+  num_steps = int(s.num_steps)
+  use_cache = method.variant == "fixed"  # no time input: scores change only with the length
+
+  def build():
+    def run(params, key, prompt):
+      fn = method.score_fn(params, cap, plen)
+      return did_sample(fn, key, prompt.shape[0], num_steps, cap, method.ids.bos,
+                        prompt=prompt if plen else None, use_cache=use_cache, pad_id=method.ids.pad)
+    return jax.jit(run)
+
+  run = cached(method, ("did", num_steps, cap, plen), build)
+  tokens, n_out, nfe, dropped = run(params, key, jnp.asarray(p_ids))
+  return dict(tokens=tokens, lengths=n_out - plen, total_lengths=n_out, nfe=nfe, dropped=dropped,
+              prompt_len=plen, gen_len=cap - plen)
+
+
+def _check(sample_cfg) -> None:
+  if sample_cfg.capacity < 0:
+    raise ConfigError(f"sample.capacity={sample_cfg.capacity} must be >= 0 (0 = data.seq_len).")
+
+
+register(Decoder("did", "insertion", sample_insertion, check=_check,
+                 options=("num_steps", "capacity", "gen_len")))

@@ -1,0 +1,1 @@
+"""Synthetic tasks and SFT sets (registered data sources): arith, hmm, sft."""
