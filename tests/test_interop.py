@@ -127,6 +127,23 @@ def test_export_after_import_gives_back_the_same_tensors(imported):
     interop.export(wd, out, log=lambda *_: None)
 
 
+def test_export_of_a_native_run_has_no_pytorch_layout(tmp_path):
+  """A dlm-jax network (no adaLN at t = 0, LayerNorm without scale, ...) is exported in our
+  layout only, with the reason; our layout holds every parameter under its tree path."""
+  from tests.tiny import tiny_config  # pylint: disable=g-import-not-at-top
+  from dlm_jax.run import experiment as exp_lib  # pylint: disable=g-import-not-at-top
+  exp = exp_lib.Experiment.create(tiny_config())
+  state = exp.init_state(0)
+  wd = str(tmp_path / "run")
+  interop.write_workdir(exp, wd, state.params, state.ema_params, log=lambda *_: None)
+  s = interop.export(wd, str(tmp_path / "out"), use_ema=False, log=lambda *_: None)
+  assert s["pytorch"].startswith("not the published MDLM network") and "adaln_always" in s["pytorch"]
+  assert not os.path.exists(tmp_path / "out" / "pytorch")
+  got = interop.read_safetensors(str(tmp_path / "out" / "model.safetensors"))
+  want = interop.flatten(state.params)
+  assert sorted(got) == sorted(want) and all(np.array_equal(got[k], want[k]) for k in want)
+
+
 def test_mapping_round_trip_and_published_order():
   sd = fixture_state_dict()
   meta = json.load(open(os.path.join(FIXTURE, "mdlm_dit_small.json")))
