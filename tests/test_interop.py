@@ -142,6 +142,17 @@ def test_export_of_a_native_run_has_no_pytorch_layout(tmp_path):
   got = interop.read_safetensors(str(tmp_path / "out" / "model.safetensors"))
   want = interop.flatten(state.params)
   assert sorted(got) == sorted(want) and all(np.array_equal(got[k], want[k]) for k in want)
+  # run.logits of a network without a time input: [B, L, V]; a sigma is refused, not ignored
+  run = api.load(wd, use_ema=False)
+  tokens = np.arange(10, dtype=np.int32)
+  logits = run.logits(tokens)
+  assert logits.shape == (1, 10, run.tokenizer.vocab_size)
+  want_logits = run.method.logits_fn(run.params)(jnp.asarray(tokens[None]))
+  np.testing.assert_allclose(logits, want_logits, rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match="no time input"):
+    run.logits(tokens, 0.5)
+  with pytest.raises(ValueError, match="must lie in"):
+    run.logits([run.tokenizer.vocab_size])
 
 
 def test_mapping_round_trip_and_published_order():
