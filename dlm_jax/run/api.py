@@ -4,6 +4,7 @@
     run = dlm_jax.load("/path/to/workdir")          # newest checkpoint, EMA params
     texts = run.sample_text(num_samples=4)           # decoded samples
     run.loss(["In the beginning ..."])              # NELBO per token (nats) per text
+    run.logits(tokens, sigma)                       # raw network output [B, L, V] (before SUBS)
 
 No training mesh is needed: parameters are restored onto a mesh over the local devices (one
 device in a plain notebook), whatever topology the run was trained on.
@@ -90,6 +91,41 @@ class LoadedRun:
 
   def sample_text(self, num_samples: int = 4, seed: int = 0, **overrides: Any) -> list[str]:
     return self.sample(num_samples=num_samples, seed=seed, **overrides)["texts"]
+
+  def logits(self, tokens: Any, sigma: Any = None) -> np.ndarray:
+    """The raw network output [B, L, V] (float32) for token ids [B, L] (or [L]), before SUBS.
+
+    Every position attends to every other (one unpadded row per example), positions 0..L-1.
+    `sigma` ([B] or a scalar) is the noise level the network is conditioned on: the published
+    MDLM's sigma for an imported model (`model.adaln_always`), the method's time t for a
+    time-conditioned one. None feeds what the method feeds: 0 when time conditioning is off (the
+    published MDLM's default); a time-conditioned network needs it. A network without a time
+    input refuses a sigma.
+    """
+    x = np.asarray(tokens)
+    if x.ndim == 1:
+      x = x[None]
+    if x.ndim != 2 or not np.issubdtype(x.dtype, np.integer):
+      raise ValueError(f"tokens must be integer ids [B, L] or [L], got {x.dtype} {x.shape}.")
+    vocab = self.method.model_cfg.vocab_size
+    if x.size and (x.min() < 0 or x.max() >= vocab):
+      raise ValueError(f"token ids must lie in [0, {vocab}); got {x.min()}..{x.max()}.")
+    cfg = self.method.model_cfg
+    t = None
+    if sigma is not None:
+      if not cfg.conditioned:
+        raise ValueError("This network has no time input (model.time_conditioning and "
+                         "model.adaln_always are off): call run.logits(tokens) without sigma.")
+      t = np.broadcast_to(np.asarray(sigma, np.float32).reshape(-1), (x.shape[0],))
+    elif cfg.time_conditioning:
+      raise ValueError("This network is time-conditioned: give sigma (the method's time t).")
+    if not hasattr(self, "_logits_fn"):
+      model = self.method.model
+      fn = jax.jit(lambda p, tok, tt: model.apply({"params": p}, tok, t=tt)[0])
+      self._logits_fn = parallel.in_sharding_context(fn, self.mesh)  # pylint: disable=attribute-defined-outside-init
+    out = self._logits_fn(self.params, jnp.asarray(x, jnp.int32),
+                          None if t is None else jnp.asarray(t))
+    return np.asarray(jax.device_get(out))
 
   def loss(self, texts: Sequence[str], seed: int = 0) -> np.ndarray:
     """Likelihood bound of each text in nats per token (method's NELBO, eval_num_t draws)."""

@@ -28,6 +28,13 @@ from dlm_jax.run.checkpoint import CheckpointError
 from dlm_jax.sampling import decoders
 
 
+# config.model fields a checkpoint must agree with (saved in its metadata): the first five fix
+# the parameter shapes, the others the function the parameters compute.
+SHAPE_FIELDS = ("num_layers", "d_model", "num_heads", "mlp_ratio", "time_conditioning")
+NETWORK_FIELDS = SHAPE_FIELDS + ("adaln_always", "ln_scale_with_adaln", "ln_eps",
+                                 "ln_fast_variance", "rope_freqs")
+
+
 @flax.struct.dataclass
 class TrainState:
   step: jax.Array
@@ -156,8 +163,7 @@ class Experiment:
     return dict(method=self.config.method, tokenizer=getattr(tok, "name", "?"),
                 tokenizer_fingerprint=tok.fingerprint() if hasattr(tok, "fingerprint") else "",
                 vocab_size=int(tok.vocab_size),
-                model={k: self.config.model[k] for k in
-                       ("num_layers", "d_model", "num_heads", "mlp_ratio", "time_conditioning")},
+                model={k: self.config.model[k] for k in NETWORK_FIELDS},
                 seq_len=int(self.config.data.seq_len))
 
   def check_meta(self, meta: dict[str, Any]) -> None:
@@ -177,8 +183,9 @@ class Experiment:
     for k, v in mine["model"].items():
       if meta.get("model", {}).get(k, v) != v:
         raise CheckpointError(
-            f"config.model.{k}={v!r} but the checkpoint has {meta['model'][k]!r}: the shapes "
-            "differ; restore the original value or start a new --workdir.")
+            f"config.model.{k}={v!r} but the checkpoint has {meta['model'][k]!r}: the "
+            f"{'shapes' if k in SHAPE_FIELDS else 'networks'} differ; restore the original value "
+            "or start a new --workdir.")
 
 
 def log_config(config: ml_collections.ConfigDict) -> None:
