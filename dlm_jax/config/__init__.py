@@ -176,7 +176,7 @@ def validate(config: ml_collections.ConfigDict, *, num_data_parallel: int | None
   require(o.grad_clip >= 0, "optim.grad_clip", "must be >= 0 (0 disables clipping).")
   require(tr.global_batch_size > 0, "train.global_batch_size", "must be positive.")
   require(tr.num_steps > 0, "train.num_steps", "must be positive.")
-  for f in ("log_every", "eval_every", "ckpt_every", "keep_ckpts"):
+  for f in ("log_every", "eval_every", "ckpt_every", "keep_ckpts", "lease_stale_secs"):
     require(tr[f] > 0, f"train.{f}", "must be positive.")
   if num_data_parallel:
     require(tr.global_batch_size % num_data_parallel == 0, "train.global_batch_size",
