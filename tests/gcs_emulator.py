@@ -7,6 +7,8 @@ adds what the tests need:
 - preconditions: an upload or a delete with `ifGenerationMatch=N` answers 412 unless the object's
   generation is N (0: the object must not exist), as GCS does. The emulator serves one request at
   a time, so the check and the write are atomic.
+- downloads carry the object's generation (`x-goog-generation`, which tensorstore needs) and
+  honour `ifGenerationMatch` / `ifGenerationNotMatch`.
 - faults: `GET /_faults?pattern=REGEX&status=403&skip=K` makes every write (upload, delete, copy,
   compose) of an object whose name matches REGEX fail with `status`, after the first K matching
   writes succeed; `GET /_faults` with no pattern clears the rule. `GET /_writes` returns the names
@@ -104,6 +106,29 @@ def _wrap(handler, is_write: bool, kind: str | None, not_found):
   return wrapped
 
 
+def _wrap_download(handler, not_found):
+  """Media downloads as GCS answers them: the generation in `x-goog-generation` (tensorstore reads
+  it; without it: 'Malformed StorageGeneration'), and read preconditions honoured."""
+  def wrapped(request, response, storage, *args, **kwargs):
+    try:
+      obj = storage.get_file_obj(request.params["bucket_name"], request.params["object_id"])
+    except not_found:
+      return handler(request, response, storage, *args, **kwargs)
+    gen = str(obj["generation"])
+    response["x-goog-generation"] = gen
+    response["x-goog-metageneration"] = str(obj.get("metageneration", "1"))
+    if request.query.get("ifGenerationNotMatch", [None])[0] == gen:
+      response.status = HTTPStatus.NOT_MODIFIED
+      return None
+    want = request.query.get("ifGenerationMatch", [None])[0]
+    if want is not None and want != gen:
+      _error(response, 412, "At least one of the pre-conditions you specified did not hold.",
+             "conditionNotMet")
+      return None
+    return handler(request, response, storage, *args, **kwargs)
+  return wrapped
+
+
 def _control(request, response, storage):  # pylint: disable=unused-argument
   if request.path == "/_faults":
     _RULE.clear()
@@ -120,6 +145,16 @@ def _control(request, response, storage):  # pylint: disable=unused-argument
 
 def serve(port: int, bucket: str) -> None:
   from gcp_storage_emulator import server as srv  # pylint: disable=g-import-not-at-top
+  log = os.environ.get("GCS_EMULATOR_LOG")
+  if log:  # debugging: one line per request
+    orig_close = srv.Response.close
+
+    def close(self):
+      with open(log, "a", encoding="utf-8") as f:
+        f.write(f"{self._handler.command} {self._handler.path} -> {self.status.value} "
+                f"{dict(self._headers)}\n")
+      return orig_close(self)
+    srv.Response.close = close
   from gcp_storage_emulator.exceptions import NotFound  # pylint: disable=g-import-not-at-top
   from gcp_storage_emulator.handlers import objects  # pylint: disable=g-import-not-at-top
   logging.getLogger("gcp_storage_emulator").setLevel(logging.CRITICAL)
@@ -129,7 +164,8 @@ def serve(port: int, bucket: str) -> None:
   table = []
   for rx, handlers in srv.HANDLERS:
     if isinstance(handlers, dict):
-      handlers = {m: _wrap(h, h in writes, kinds.get(h), NotFound) for m, h in handlers.items()}
+      handlers = {m: (_wrap_download(h, NotFound) if h in (objects.download, objects.get) else
+                      _wrap(h, h in writes, kinds.get(h), NotFound)) for m, h in handlers.items()}
     table.append((rx, handlers))
   control = {"GET": _control}
   srv.HANDLERS = ((r"^/_faults$", control), (r"^/_writes$", control), (r"^/_healthz$", control),
