@@ -146,6 +146,25 @@ def test_lease_renews_itself_in_the_background(workdir):
   assert _read(a) is None
 
 
+def test_a_lease_that_cannot_be_renewed_is_given_up(gcs_emulator):
+  """GCS refuses the renewals (here 403): the holder keeps trying until its lease would look
+  stale to others, then counts it as lost (the trainer then stops without saving)."""
+  wd = f"gs://bucket/lease-{uuid.uuid4().hex[:8]}/run"
+  a = lease_lib.WorkdirLease(wd, stale_after_secs=1.0)
+  a.acquire()
+  gcs_emulator.set_fault(r"lease\.json$", status=403)
+  try:
+    with pytest.raises(Exception) as first:  # a storage error: retried at the next renewal
+      a.renew()
+    assert not isinstance(first.value, lease_lib.LeaseLostError) and a.held
+    time.sleep(1.0)
+    with pytest.raises(lease_lib.LeaseLostError, match="Could not renew the workdir lease"):
+      a.renew()
+    assert not a.held
+  finally:
+    gcs_emulator.clear_fault()
+
+
 # -- the trainer -----------------------------------------------------------------------------------
 def _train_cmd(workdir, *extra):
   return [sys.executable, "-m", "dlm_jax.train", "--config=configs/mdlm_tiny.py",

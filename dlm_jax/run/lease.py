@@ -148,23 +148,27 @@ class _LocalStore:
 class _GcsStore:
   """lease.json as a GCS object; the generation is the object's generation."""
 
-  def __init__(self, path: str):
+  def __init__(self, path: str, retry_secs: float = 30.0):
     paths.require_gcs(path)
     from google.cloud import storage  # pylint: disable=g-import-not-at-top
+    from google.cloud.storage.retry import DEFAULT_RETRY  # pylint: disable=g-import-not-at-top
     from google.api_core import exceptions  # pylint: disable=g-import-not-at-top
     self._exc = exceptions
     bucket, _, name = path[len("gs://"):].partition("/")
     self.path = path
     self._bucket = storage.Client().bucket(bucket)
     self._name = name
+    # Transient errors are retried, but never for longer than a renewal interval: a lease call
+    # must not hang the trainer through an outage (its default is 120 s).
+    self._kw = dict(retry=DEFAULT_RETRY.with_timeout(retry_secs), timeout=retry_secs)
 
   def read(self) -> tuple[dict[str, Any], int] | None:
     for _ in range(5):
-      blob = self._bucket.get_blob(self._name)
+      blob = self._bucket.get_blob(self._name, **self._kw)
       if blob is None:
         return None
       try:
-        data = blob.download_as_bytes(if_generation_match=blob.generation)
+        data = blob.download_as_bytes(if_generation_match=blob.generation, **self._kw)
       except (self._exc.PreconditionFailed, self._exc.NotFound):
         continue  # changed between the two calls: read again
       try:
@@ -178,7 +182,7 @@ class _GcsStore:
     blob = self._bucket.blob(self._name)
     try:
       blob.upload_from_string(json.dumps(content), content_type="application/json",
-                              if_generation_match=generation)
+                              if_generation_match=generation, **self._kw)
     except self._exc.PreconditionFailed:
       raise _Conflict() from None
     return int(blob.generation)
@@ -191,14 +195,14 @@ class _GcsStore:
 
   def delete(self, generation: int) -> None:
     try:
-      self._bucket.blob(self._name).delete(if_generation_match=generation)
+      self._bucket.blob(self._name).delete(if_generation_match=generation, **self._kw)
     except (self._exc.PreconditionFailed, self._exc.NotFound):
       raise _Conflict() from None
 
 
-def _store(path: str):
+def _store(path: str, retry_secs: float = 30.0):
   if paths.is_gcs(path):
-    return _GcsStore(path)
+    return _GcsStore(path, retry_secs)
   if paths.is_remote(path):
     raise LeaseError(f"{path}: a workdir lease works on local disks and gs:// only.")
   return _LocalStore(os.path.abspath(path))
@@ -225,7 +229,7 @@ class WorkdirLease:
     self.stale_after = float(stale_after_secs)
     # Renew often enough that two renewals can fail before the lease looks stale to others.
     self.renew_every = max(min(self.stale_after / 4.0, 60.0), 0.2)
-    self._store = _store(self.path)
+    self._store = _store(self.path, retry_secs=max(min(self.renew_every, 30.0), 5.0))
     self._generation: int | None = None
     self._content: dict[str, Any] = {}
     self._last_ok = 0.0
