@@ -304,3 +304,33 @@ def test_whole_cycle_on_gs_writes_nothing_locally(gcs_emulator, tmp_path):
   assert rows == list(range(1, last + 1)), rows
   assert sorted(s for s, _ in _event_steps(wd)) == list(range(1, last + 1))
   assert json.loads(paths.read_text(paths.join(wd, f"eval_step{last}.json")))["step"] == last
+
+
+@pytest.mark.slow
+def test_score_difficulty_and_sft_on_gs(gcs_emulator):
+  """A teacher run, a scored SFT set (resumed from its partial file) and a fine-tuning run that
+  reads it: all on gs://."""
+  from configs import arith_pretrain, arith_teacher  # pylint: disable=g-import-not-at-top
+  from dlm_jax import score_difficulty  # pylint: disable=g-import-not-at-top
+  from dlm_jax.data.tasks import sft  # pylint: disable=g-import-not-at-top
+  from tests.tiny import apply_overrides  # pylint: disable=g-import-not-at-top
+  shrink = dict(model__num_layers=1, model__d_model=32, model__num_heads=2,
+                train__global_batch_size=8, train__num_steps=2, train__log_every=1,
+                train__ckpt_every=2, train__print_batch=False, data__prefetch=0,
+                optim__warmup_steps=1)
+  base = _gs("scoring")
+  teacher = base + "/teacher"
+  trainer.train(apply_overrides(arith_teacher.get_config(), **shrink), teacher)
+  out = base + "/sets/scored.npz"
+  kw = dict(num_buckets=4, batch_size=8, save_every=8, progress=False)
+  assert score_difficulty.run(teacher, "arith:seed=5,n=24", out, stop_after=8, **kw) is None
+  assert paths.exists(sft.partial_path(out)) and not paths.exists(out)
+  summary = score_difficulty.run(teacher, "arith:seed=5,n=24", out, **kw)
+  assert summary["num_examples"] == 24 and summary["teacher_workdir"] == teacher
+  assert not paths.exists(sft.partial_path(out))
+  assert json.loads(paths.read_text(base + "/sets/scored.json"))["out"] == out
+  data = sft.load_sft_set(out)
+  assert data["buckets"].shape == data["response"].shape == (24, data["response"].shape[1])
+  student = apply_overrides(arith_pretrain.get_config(), **shrink, data__path=out,
+                            trims__masking="trims", trims__num_buckets=4)
+  assert trainer.train(student, base + "/student")["step"] == 2
