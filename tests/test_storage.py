@@ -190,6 +190,16 @@ def test_a_run_carries_its_tokenizer_when_the_corpus_moves(tmp_path, monkeypatch
     evaluation.run_eval(wd, num_batches=1)
 
 
+def test_a_saved_run_needs_no_data_files_to_open(tmp_path):
+  """load/sample validate a saved config without its data files (corpus, tokenizer file);
+  training still checks them."""
+  cfg = tiny_config(data__source="text", data__path=str(tmp_path / "gone.txt"),
+                    data__tokenizer=f"file:{tmp_path / 'gone.json'}")
+  exp_lib.validate_config(cfg, check_data=False)
+  with pytest.raises(ConfigError, match="config.data.tokenizer: tokenizer file .*gone.json"):
+    exp_lib.validate_config(cfg)
+
+
 def test_save_run_tokenizer_writes_what_load_reads(tmp_path):
   """The function other tools (e.g. an importer of foreign weights) call."""
   wd = str(tmp_path / "imported")

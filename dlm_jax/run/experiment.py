@@ -75,7 +75,8 @@ def validate_config(config: ml_collections.ConfigDict, *, num_data_parallel: int
   `check_data=False` skips the data source's own check (a saved run opened for sampling or
   scoring needs neither its corpus nor its data files).
   """
-  config_lib.validate(config, num_data_parallel=num_data_parallel, process_count=process_count)
+  config_lib.validate(config, num_data_parallel=num_data_parallel, process_count=process_count,
+                      check_files=check_data)
   method_cls = methods.get_method_class(config.method)
   source = sources.get(config.data.source)
   attention.check_config(config.model)
