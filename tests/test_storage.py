@@ -74,24 +74,28 @@ def test_paths_read_write_list_on_both_storages(folder):
   assert not paths.exists(p)
 
 
-def test_gs_path_without_the_gcp_extra_names_it(tmp_path):
-  """train, sample and load of a gs:// workdir without gcsfs: one line naming the extra."""
+def test_gs_path_without_the_gcp_extra_names_it(tmp_path, monkeypatch):
+  """train (the command), sample and load of a gs:// workdir without gcsfs: the error names the
+  extra to install, and nothing is written to a local folder named 'gs:'."""
   hide = "import sys; sys.modules['gcsfs'] = None; sys.argv = sys.argv[1:]; import runpy; "
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
-  for module, args in (("dlm_jax.train", ["--config=configs/mdlm_tiny.py", *TINY_FLAGS]),
-                       ("dlm_jax.sample", [])):
-    r = subprocess.run([sys.executable, "-c", hide + f"runpy.run_module('{module}', "
-                        "run_name='__main__')", module, "--workdir=gs://bucket/run", *args],
-                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 2, (module, r.stderr[-2000:])
-    last = r.stderr.strip().splitlines()[-1]
-    assert last.startswith("ERROR: gs://bucket/run") and "pip install 'dlm-jax[gcp]'" in last, last
-    assert not os.path.exists(os.path.join(ROOT, "gs:")), "wrote a local folder named gs:"
-  r = subprocess.run([sys.executable, "-c", "import sys; sys.modules['gcsfs'] = None; import dlm_jax\n"
-                      "try:\n  dlm_jax.load('gs://bucket/run')\nexcept Exception as e:\n"
-                      "  print(type(e).__name__, e)"], cwd=ROOT, env=env, capture_output=True,
+  r = subprocess.run([sys.executable, "-c", hide + "runpy.run_module('dlm_jax.train', "
+                      "run_name='__main__')", "dlm_jax.train", "--workdir=gs://bucket/run",
+                      f"--config={ROOT}/configs/mdlm_tiny.py", *TINY_FLAGS],
+                     cwd=tmp_path, env=dict(env, PYTHONPATH=ROOT), capture_output=True,
                      text=True, timeout=300)
-  assert "MissingExtraError" in r.stdout and "dlm-jax[gcp]" in r.stdout, r.stdout + r.stderr
+  assert r.returncode == 2, r.stderr[-2000:]
+  last = r.stderr.strip().splitlines()[-1]
+  assert last.startswith("ERROR: gs://bucket/run") and "pip install 'dlm-jax[gcp]'" in last, last
+  monkeypatch.setitem(sys.modules, "gcsfs", None)
+  monkeypatch.setattr(paths, "_checked_gcs", False)
+  monkeypatch.chdir(tmp_path)
+  from dlm_jax import sample  # pylint: disable=g-import-not-at-top
+  for call in (lambda: api.load("gs://bucket/run"),
+               lambda: sample.run_sampling("gs://bucket/run", {}, 2, 0, None)):
+    with pytest.raises(paths.MissingExtraError, match=r"\[gcp\] extra .*pip install 'dlm-jax\[gcp\]'"):
+      call()
+  assert os.listdir(tmp_path) == []  # no './gs:/bucket/run' folder
 
 
 # -- metrics: one row per step ------------------------------------------------------------------
