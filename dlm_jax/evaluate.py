@@ -15,6 +15,7 @@ from absl import app
 from absl import flags
 
 from dlm_jax import config as config_lib
+from dlm_jax import paths
 from dlm_jax.run import checkpoint as ckpt_lib
 from dlm_jax.run import cli
 from dlm_jax.run.evaluation import run_eval, run_task_eval
@@ -53,7 +54,7 @@ def main(argv):
   try:
     res = run_eval(_WORKDIR.value, _STEP.value, _BATCHES.value, _NUM_T.value, not _NO_EMA.value,
                    _JUDGE.value, _GEN_N.value, cli.parse_sample_overrides(_SET.value))
-  except (config_lib.ConfigError, ckpt_lib.CheckpointError) as e:
+  except (config_lib.ConfigError, ckpt_lib.CheckpointError, paths.StorageError) as e:
     print(f"ERROR: {e}", file=sys.stderr, flush=True)
     sys.exit(2)
   print(json.dumps(res, indent=2))
@@ -71,7 +72,7 @@ def _main_task_accuracy() -> None:
     res = run_task_eval(_WORKDIR.value, taus=taus, n=_TASK_N.value, seed=_TASK_SEED.value,
                                   teacher_workdir=_TEACHER.value, step=_STEP.value,
                                   use_ema=not _NO_EMA.value)
-  except (config_lib.ConfigError, ckpt_lib.CheckpointError, ValueError) as e:
+  except (config_lib.ConfigError, ckpt_lib.CheckpointError, ValueError, paths.StorageError) as e:
     print(f"ERROR: {e}", file=sys.stderr, flush=True)
     sys.exit(2)
   print(f"{'setting':>8} {'acc%':>6} {'95% CI':>13} {'valid%':>6} {'TPF_gen':>7} {'TPF_cont':>8} "

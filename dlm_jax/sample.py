@@ -20,7 +20,6 @@ methods or tokenizers) stops with exit status 2 before any sampling.
 from __future__ import annotations
 
 import json
-import os
 import sys
 from typing import Any
 
@@ -32,6 +31,7 @@ import numpy as np
 from dlm_jax import config as config_lib
 from dlm_jax import methods
 from dlm_jax import metrics as metrics_lib
+from dlm_jax import paths
 from dlm_jax.run import api
 from dlm_jax.run import checkpoint as ckpt_lib
 from dlm_jax.run import cli
@@ -71,12 +71,11 @@ def _commit_stats(out: dict, n: int) -> dict[str, Any]:
 
 
 def _write(out_dir: str, texts, tokens, nfe, summary: dict) -> None:
-  os.makedirs(out_dir, exist_ok=True)
+  """samples.jsonl and samples_summary.json into out_dir (a local folder or gs://...)."""
   records = [dict(text=t, tokens=[int(x) for x in np.asarray(tk).ravel()], nfe=float(n))
              for t, tk, n in zip(texts, tokens, nfe)]
-  api.write_jsonl(os.path.join(out_dir, "samples.jsonl"), records)
-  with open(os.path.join(out_dir, "samples_summary.json"), "w", encoding="utf-8") as f:
-    json.dump(summary, f, indent=2)
+  api.write_jsonl(paths.join(out_dir, "samples.jsonl"), records)
+  paths.write_text(paths.join(out_dir, "samples_summary.json"), json.dumps(summary, indent=2))
 
 
 def run_sampling(workdir: str, overrides: dict, num_samples: int | None, seed: int,
@@ -195,7 +194,8 @@ def main(argv):
     else:
       res = run_sampling(_WORKDIR.value, overrides, _NUM.value, _SEED.value, _OUT.value,
                          _STEP.value, not _NO_EMA.value, _PROMPT.value)
-  except (config_lib.ConfigError, ckpt_lib.CheckpointError, ValueError, KeyError) as e:
+  except (config_lib.ConfigError, ckpt_lib.CheckpointError, ValueError, KeyError,
+          paths.StorageError) as e:
     print(f"ERROR: {e}", file=sys.stderr, flush=True)
     sys.exit(2)
   for i, t in enumerate(res["texts"]):

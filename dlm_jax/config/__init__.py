@@ -10,11 +10,11 @@ checked against their registries by `dlm_jax.run.experiment.validate_config`, wh
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any
 
 import ml_collections
 
+from dlm_jax import paths
 from dlm_jax.config import schema
 from dlm_jax.config.schema import ALIASES
 
@@ -141,13 +141,15 @@ def from_saved(saved: Any) -> ml_collections.ConfigDict:
 
 
 def validate(config: ml_collections.ConfigDict, *, num_data_parallel: int | None = None,
-             process_count: int = 1) -> None:
+             process_count: int = 1, check_files: bool = True) -> None:
   """Checks names, types and values of the plug-in-independent fields; raises ConfigError.
 
   Args:
     config: the full config (deprecated aliases are moved first).
     num_data_parallel: data x fsdp size of the mesh (the batch must divide over it).
     process_count: number of JAX processes (the batch must divide over them).
+    check_files: check that files the config names exist (False for a saved run opened with
+      its own tokenizer files).
   """
   apply_aliases(config)
   check_schema(config)
@@ -178,7 +180,7 @@ def validate(config: ml_collections.ConfigDict, *, num_data_parallel: int | None
   require(o.grad_clip >= 0, "optim.grad_clip", "must be >= 0 (0 disables clipping).")
   require(tr.global_batch_size > 0, "train.global_batch_size", "must be positive.")
   require(tr.num_steps > 0, "train.num_steps", "must be positive.")
-  for f in ("log_every", "eval_every", "ckpt_every", "keep_ckpts"):
+  for f in ("log_every", "eval_every", "ckpt_every", "keep_ckpts", "lease_stale_secs"):
     require(tr[f] > 0, f"train.{f}", "must be positive.")
   if num_data_parallel:
     require(tr.global_batch_size % num_data_parallel == 0, "train.global_batch_size",
@@ -188,7 +190,9 @@ def validate(config: ml_collections.ConfigDict, *, num_data_parallel: int | None
           f"{tr.global_batch_size} is not divisible by the {process_count} processes.")
   if d.tokenizer.startswith("file:"):
     path = d.tokenizer[len("file:"):]
-    require(os.path.exists(path), "data.tokenizer", f"tokenizer file {path!r} does not exist.")
+    # (A saved run reads its tokenizer from the workdir: check_files=False skips this.)
+    require(not check_files or paths.exists(path), "data.tokenizer",
+            f"tokenizer file {path!r} does not exist.")
   elif d.tokenizer not in ("gpt2", "bpe", "bytes"):
     raise ConfigError(f"config.data.tokenizer={d.tokenizer!r}; choose gpt2, bpe, bytes or "
                       "file:/path/to/tokenizer.json.")

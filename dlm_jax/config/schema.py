@@ -119,6 +119,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.nan_policy = "stop"   # stop | skip
   c.train.init_from = ""        # workdir of a checkpoint to start from (fine-tuning)
   c.train.print_batch = True    # decode one batch at start-up (catches tokenizer/packing bugs)
+  c.train.lease_stale_secs = 300.0  # the workdir lease goes stale this long after its last renewal
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1

@@ -14,7 +14,7 @@ architecture, so evaluating several fine-tuned arms compiles each setting once.
 
 from __future__ import annotations
 
-import os
+import io
 from typing import Any, Callable, Optional, Sequence
 
 import jax
@@ -23,6 +23,7 @@ import numpy as np
 
 from dlm_jax import metrics as metrics_lib
 from dlm_jax import parallel
+from dlm_jax import paths
 from dlm_jax.data.tasks import arith as tasks
 from dlm_jax.sampling import blockwise
 from dlm_jax.trims import buckets as trims_buckets
@@ -219,7 +220,8 @@ def plot_curves(curves: dict[str, Sequence[dict[str, Any]]], path: str, tpf_key:
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8)
   fig.tight_layout()
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  fig.savefig(path)
+  buf = io.BytesIO()
+  fig.savefig(buf, format="png")
   plt.close(fig)
+  paths.write_bytes(path, buf.getvalue())  # a local path or gs://
   return path

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from typing import Any, Sequence
 
 import jax
@@ -24,6 +23,7 @@ import numpy as np
 
 from dlm_jax import config as config_lib
 from dlm_jax import parallel
+from dlm_jax import paths
 from dlm_jax.run import checkpoint as ckpt_lib
 from dlm_jax.run import experiment as exp_lib
 from dlm_jax.sampling import common
@@ -191,17 +191,19 @@ def load(workdir: str, step: int | None = None, use_ema: bool = True,
     use_ema: return the EMA parameters when the run kept them.
     devices: where to put the parameters (default: all local devices, replicated).
   """
-  if not os.path.exists(ckpt_lib.checkpoint_dir(workdir)) and "://" not in workdir:
+  if not paths.is_remote(workdir) and not paths.exists(ckpt_lib.checkpoint_dir(workdir)):
     raise ckpt_lib.CheckpointError(f"{workdir} has no checkpoints/ folder; is it a training "
                                    "--workdir?")
   config, config_step = read_run_config(workdir, step)
+  # The tokenizer files saved with the run: the corpus is never read again.
+  tokenizer = exp_lib.run_tokenizer(workdir, config)
   mesh = _mesh_over(list(devices or jax.local_devices()))
   config.unlock()
   # The batch only needs to divide over the notebook's devices for evaluation helpers.
   n = parallel.data_parallel_size(mesh)
   config.train.global_batch_size = max(n, (config.train.global_batch_size // n) * n)
   config.mesh.data, config.mesh.fsdp, config.mesh.tensor = -1, 1, 1
-  exp = exp_lib.Experiment.create(config, mesh=mesh)
+  exp = exp_lib.Experiment.create(config, mesh=mesh, tokenizer=tokenizer, check_data=False)
   ckpt = ckpt_lib.Checkpointer(workdir, async_save=False)
   try:
     # With step=None this walks back past a corrupt newest checkpoint.
@@ -215,6 +217,5 @@ def load(workdir: str, step: int | None = None, use_ema: bool = True,
 
 
 def write_jsonl(path: str, records: Sequence[dict[str, Any]]) -> None:
-  with open(path, "w", encoding="utf-8") as f:
-    for r in records:
-      f.write(json.dumps(r) + "\n")
+  """One JSON object per line, to a local path or gs:// (written whole, atomically)."""
+  paths.write_text(path, "".join(json.dumps(r) + "\n" for r in records))

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from typing import Any
 
@@ -23,6 +22,8 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 from etils import epath
+
+from dlm_jax import paths
 
 try:  # grain's Orbax handler for iterator state (registered on import).
   import grain  # pylint: disable=g-import-not-at-top
@@ -81,9 +82,7 @@ def describe_mismatch(saved: dict[str, Any], wanted: dict[str, Any], limit: int 
 
 def checkpoint_dir(workdir: str) -> str:
   """<workdir>/checkpoints; local paths made absolute (Orbax requires it), URLs kept."""
-  if "://" not in workdir:
-    workdir = os.path.abspath(workdir)
-  return os.path.join(workdir, "checkpoints")
+  return paths.join(paths.absolute(workdir), "checkpoints")
 
 
 class Checkpointer:
@@ -91,6 +90,7 @@ class Checkpointer:
 
   def __init__(self, workdir: str, keep: int = 3, async_save: bool = True):
     self.directory = checkpoint_dir(workdir)
+    paths.path(self.directory)  # a gs:// workdir without the [gcp] extra: say what to install
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
         cleanup_tmp_directories=True)
@@ -145,8 +145,8 @@ class Checkpointer:
             else "no earlier checkpoint exists")
     return CheckpointSaveError(
         f"Saving the checkpoint of {where} in {self.directory} failed "
-        f"({type(error).__name__}: {first}); {keep}. Free disk space (or fix the storage) and "
-        "re-run the same command to resume.")
+        f"({type(error).__name__}: {first}); {keep}. Free disk space (or fix the storage or its "
+        "permissions) and re-run the same command to resume from there.")
 
   def read_meta(self, step: int) -> dict[str, Any]:
     restored = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))

@@ -4,8 +4,10 @@
 
 Multi-host: every process runs this loop on its own data shard (`make_train_iterator` reads
 documents p, p+P, ...); the global batch is assembled with `jax.make_array_from_process_local_data`;
-all processes save and restore checkpoints together through Orbax; only process 0 writes
-config.json, metrics and console output. SIGTERM on any process stops all of them at the same step.
+all processes save and restore checkpoints together through Orbax; only process 0 takes the
+workdir lease (`run/lease.py`) and writes config.json, the tokenizer files, metrics and console
+output. SIGTERM on any process stops all of them at the same step; so does a lost lease (without
+saving).
 """
 
 from __future__ import annotations
@@ -24,10 +26,12 @@ import optax
 
 from dlm_jax import metrics as metrics_lib
 from dlm_jax import parallel
+from dlm_jax import paths
 from dlm_jax.data import pipeline
 from dlm_jax.evaluation import likelihood
 from dlm_jax.run import checkpoint as ckpt_lib
 from dlm_jax.run import experiment as exp_lib
+from dlm_jax.run import lease as lease_lib
 
 
 class NonFiniteLossError(RuntimeError):
@@ -216,11 +220,39 @@ class _SigtermFlag:
       signal.signal(signal.SIGTERM, self._prev)
 
 
-def _any_process(flag: bool) -> bool:
+def _any_process(*flags: bool) -> tuple[bool, ...]:
+  """Each flag OR-ed over all processes (one collective for all of them)."""
   if jax.process_count() == 1:
-    return flag
+    return tuple(bool(f) for f in flags)
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  return bool(np.any(multihost_utils.process_allgather(np.asarray(flag, np.int32))))
+  got = multihost_utils.process_allgather(np.asarray(flags, np.int32))
+  return tuple(bool(x) for x in np.any(np.asarray(got).reshape(-1, len(flags)), axis=0))
+
+
+def _take_lease(workdir: str, cfg, takeover: bool) -> lease_lib.WorkdirLease | None:
+  """Process 0 takes the workdir lease; every process stops if it could not."""
+  lease, error = None, None
+  if parallel.is_main_process():
+    lease = lease_lib.WorkdirLease(workdir, cfg.train.lease_stale_secs)
+    try:
+      lease.acquire(takeover=takeover)
+    except lease_lib.LeaseError as e:
+      error = e
+  (failed,) = _any_process(error is not None)
+  if failed:
+    raise error or lease_lib.LeaseHeldError(
+        f"Process 0 could not take the lease of the workdir {workdir} (its log names the holder); "
+        "stopping.")
+  if lease is not None:
+    lease.start_renewing()
+  return lease
+
+
+def _lease_lost_error(lease: lease_lib.WorkdirLease | None) -> lease_lib.LeaseLostError:
+  if lease is not None and lease.lost:
+    return lease_lib.LeaseLostError(lease.lost)
+  return lease_lib.LeaseLostError("Process 0 lost the workdir lease (its log says to whom); "
+                                  "stopping without saving again.")
 
 
 def _restore_init_from(exp, state, workdir: str):
@@ -235,30 +267,45 @@ def _restore_init_from(exp, state, workdir: str):
 
 def _write_config_json(cfg, workdir: str) -> None:
   """config.json for humans (process 0 only; Orbax saves the config with every checkpoint)."""
-  from etils import epath  # pylint: disable=g-import-not-at-top
-  path = epath.Path(workdir)
-  path.mkdir(parents=True, exist_ok=True)
-  (path / "config.json").write_text(cfg.to_json_best_effort(indent=2))
+  paths.write_text(paths.join(workdir, "config.json"), cfg.to_json_best_effort(indent=2))
 
 
 def train(config, workdir: str, stop_after_steps: int | None = None,
-          devices: Sequence[jax.Device] | None = None) -> dict[str, Any]:
+          devices: Sequence[jax.Device] | None = None, takeover: bool = False) -> dict[str, Any]:
   """Trains (or resumes) in `workdir`; returns the last logged metrics.
 
   Args:
     config: the run's config (validated here).
-    workdir: checkpoints, metrics and config.json go here (a local path or gs://...).
+    workdir: checkpoints, metrics, config.json and the tokenizer files go here (a local path or
+      gs://...).
     stop_after_steps: stop (with a checkpoint) after this many steps of this call.
     devices: the devices of the mesh (default: all, over all processes). A run can resume on
       another device count or mesh shape than it was saved with.
+    takeover: take the workdir lease even if another live trainer holds it (that trainer then
+      stops at its next renewal or save without writing again).
+
+  Raises:
+    lease_lib.LeaseHeldError: another trainer holds the workdir (the message names it).
   """
   mesh = parallel.make_mesh(config.mesh, devices) if devices is not None else None
   exp = exp_lib.Experiment.create(config, mesh=mesh)
   cfg = exp.config
-  main = parallel.is_main_process()
   logging.info("Mesh %s on %d devices (%d processes); %s parameters.", dict(exp.mesh.shape),
                jax.device_count(), jax.process_count(), f"{exp.num_params():,}")
+  paths.path(workdir)  # a gs:// workdir without the [gcp] extra: say what to install, now
+  lease = _take_lease(workdir, cfg, takeover)  # before anything is written into the workdir
+  try:
+    return _train(exp, workdir, stop_after_steps, lease)
+  finally:
+    if lease is not None:
+      lease.release()
 
+
+def _train(exp: exp_lib.Experiment, workdir: str, stop_after_steps: int | None,
+           lease: lease_lib.WorkdirLease | None) -> dict[str, Any]:
+  cfg = exp.config
+  main = parallel.is_main_process()
+  lease_lost = lambda: lease is not None and lease.lost is not None  # noqa: E731
   ckpt = ckpt_lib.Checkpointer(workdir, keep=cfg.train.keep_ckpts)
   data_it = PrefetchIterator(exp_lib.make_train_iterator(cfg, exp.tokenizer), exp.mesh,
                              cfg.data.prefetch)
@@ -278,9 +325,12 @@ def train(config, workdir: str, stop_after_steps: int | None = None,
 
   if main:  # only now: a refused resume must not overwrite the run's config.json
     _write_config_json(cfg, workdir)
+    # The run carries its tokenizer: load/sample/evaluate/score never need the corpus for it.
+    exp_lib.save_run_tokenizer(workdir, exp.tokenizer)
   train_step, eval_step = compile_steps(exp)
   base_key = jax.random.key(cfg.seed)
-  writer = metrics_lib.MetricWriter(workdir)
+  # Drops the metric rows an interrupted run wrote past the step restored here.
+  writer = metrics_lib.MetricWriter(workdir, start_step=start_step)
   total = cfg.train.num_steps
   tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_len
   progress = metrics_lib.Progress(total, start_step, tokens_per_step)
@@ -298,8 +348,20 @@ def train(config, workdir: str, stop_after_steps: int | None = None,
     nonlocal last_saved
     if step == last_saved:
       return
+    # Only the lease holder writes: renew it now (process 0), and stop everywhere if it is gone.
+    lost = False
+    if lease is not None:
+      try:
+        lease.renew()
+      except lease_lib.LeaseLostError:
+        lost = True
+      except Exception as e:  # pylint: disable=broad-except  # storage trouble: the save says
+        logging.warning("Renewing the workdir lease failed before saving: %s", e)
+    if _any_process(lost)[0]:
+      raise _lease_lost_error(lease)
     ckpt.save(step, state, cfg, dict(meta, step=step), data_it, force=True)
     last_saved = step
+    writer.flush(force=True)  # on gs://: the rows a restart from this step keeps are uploaded
 
   step = start_step
   run_limit = total if stop_after_steps is None else min(total, start_step + stop_after_steps)
@@ -314,8 +376,10 @@ def train(config, workdir: str, stop_after_steps: int | None = None,
       step += 1
       pending.append(metrics)
       # Every process evaluates this at the same steps, so all stop together.
-      stop_now = _any_process(sigterm.raised) if (
-          jax.process_count() == 1 or step % SIGNAL_SYNC_EVERY == 0) else False
+      stop_now, lost = _any_process(sigterm.raised, lease_lost()) if (
+          jax.process_count() == 1 or step % SIGNAL_SYNC_EVERY == 0) else (False, False)
+      if lost:  # another trainer took the workdir over: write nothing more
+        raise _lease_lost_error(lease)
       stopped_by_signal = stopped_by_signal or stop_now
       if step % cfg.train.log_every == 0 or step == run_limit or stop_now:
         fetched = jax.device_get(pending)
@@ -362,7 +426,10 @@ def train(config, workdir: str, stop_after_steps: int | None = None,
       ckpt.close()
     except Exception as e:  # pylint: disable=broad-except
       logging.error("Closing the checkpoint manager failed: %s", e)
-    writer.close()
+    if lease_lost():
+      writer.discard()  # the workdir's metrics belong to the trainer that took over
+    else:
+      writer.close()
   if main and stopped_by_signal:
     print(f"Saved checkpoint at step {step} after SIGTERM; re-run the same command to resume.",
           flush=True)
