@@ -246,6 +246,7 @@ def write_workdir(exp: exp_lib.Experiment, workdir: str, params: Any, ema_params
       data_it.close()
   # pylint: disable-next=protected-access  # the trainer's own writer: the same files as a run
   trainer._write_config_json(exp.config, workdir)
+  exp_lib.save_run_tokenizer(workdir, exp.tokenizer)  # a run carries its tokenizer files
 
 
 def import_mdlm(checkpoint: str, workdir: str, *, num_heads: int | None = None,
