@@ -32,6 +32,7 @@ _STOP_AFTER = flags.DEFINE_integer("stop_after_steps", None,
 
 
 def main(argv):
+  cli.quiet_library_logs()
   if len(argv) > 1:
     cli.fail(f"Unexpected arguments: {argv[1:]} (flags need '--name=value').")
   try:
