@@ -131,11 +131,11 @@ class PrefetchIterator:
 
 
 # -- the step ------------------------------------------------------------------------------------
-def ema_decay_at(decay: float, warmup: bool, num_updates: jax.Array) -> jax.Array:
+def ema_decay_at(decay: float, warmup: bool, num_updates: jax.Array) -> jax.Array | float:
   """The EMA decay of the update after `num_updates` updates: `decay`, or with warm-up
   min(decay, (1 + n) / (10 + n)), so the random initialisation leaves the average early."""
   if not warmup:
-    return jnp.float32(decay)
+    return decay  # a Python float: 1 - decay is then formed in double precision, as before
   n = jnp.asarray(num_updates, jnp.float32)
   return jnp.minimum(jnp.float32(decay), (1.0 + n) / (10.0 + n))
 
@@ -304,8 +304,11 @@ def _any_process(flag: bool) -> bool:
 
 def _restore_init_from(exp, state, workdir: str):
   """Fine-tuning: take params (and EMA) from another run's newest checkpoint."""
-  other = ckpt_lib.Checkpointer(workdir, read_only=True)
-  step, restored, _ = other.restore(exp.abstract_state(), check_meta=exp.check_meta)
+  try:
+    other = ckpt_lib.Checkpointer(workdir, read_only=True)
+    step, restored, _ = other.restore(exp.abstract_state(), check_meta=exp.check_meta)
+  except ckpt_lib.CheckpointError as e:
+    raise ckpt_lib.CheckpointError(f"config.train.init_from={workdir!r}: {e}") from e
   logging.info("Initialised parameters from %s (step %d).", workdir, step)
   other.close()
   return state.replace(params=restored.params,
