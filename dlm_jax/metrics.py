@@ -332,3 +332,24 @@ class Progress:
   def log(self, step: int, metrics: Mapping[str, float], rates: Mapping[str, float]) -> None:
     if self.enabled:
       print(self.line(step, metrics, rates), file=self.stream, flush=True)
+
+
+class MissingExtraError(ImportError):
+  """An optional dependency is not installed; the message names the extra that installs it."""
+
+
+def pyplot():
+  """matplotlib.pyplot on the file-only Agg backend; plots are an optional extra.
+
+  Raises:
+    MissingExtraError: matplotlib is not installed (pip install 'dlm-jax[plots]').
+  """
+  try:
+    import matplotlib  # pylint: disable=g-import-not-at-top
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise MissingExtraError(
+        "Plotting needs matplotlib, which the core install leaves out: pip install "
+        "'dlm-jax[plots]' (in a clone: pip install -e '.[plots]').") from e
+  return plt

@@ -35,6 +35,7 @@ from dlm_jax.data.tasks import arith, sft
 from dlm_jax.data.tokenizers import tokenizer_id
 from dlm_jax.run import api
 from dlm_jax.run import checkpoint as ckpt_lib
+from dlm_jax.run import cli
 from dlm_jax.run.experiment import make_tokenizer, run_tokenizer
 from dlm_jax.trims import scoring
 
@@ -145,6 +146,7 @@ _FLAGS: dict[str, Any] = {}
 
 
 def main(argv: Sequence[str]) -> None:
+  cli.quiet_library_logs()
   f = _FLAGS
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")

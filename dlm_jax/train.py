@@ -38,6 +38,7 @@ _TAKEOVER = flags.DEFINE_bool("takeover", False,
 
 
 def main(argv):
+  cli.quiet_library_logs()
   if len(argv) > 1:
     cli.fail(f"Unexpected arguments: {argv[1:]} (flags need '--name=value').")
   try:

@@ -33,7 +33,8 @@ def _losses(workdir):
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     for line in f:
       rec = json.loads(line)
-      out.setdefault(rec["step"], []).append(rec["train/loss"])
+      if "train/loss" in rec:  # eval/ records share the file
+        out.setdefault(rec["step"], []).append(rec["train/loss"])
   return out
 
 

@@ -178,14 +178,26 @@ def validate(config: ml_collections.ConfigDict, *, num_data_parallel: int | None
   require(o.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0.")
   require(0.0 <= o.ema_decay < 1.0, "optim.ema_decay", "must be in [0, 1).")
   require(o.grad_clip >= 0, "optim.grad_clip", "must be >= 0 (0 disables clipping).")
+  k = o.grad_accum_steps
+  require(k >= 1, "optim.grad_accum_steps", "must be >= 1 (1 = no accumulation).")
+  require(tr.global_batch_size % k == 0, "optim.grad_accum_steps",
+          f"{k} does not divide train.global_batch_size={tr.global_batch_size} (each update "
+          "splits the global batch into grad_accum_steps micro-batches).")
   require(tr.global_batch_size > 0, "train.global_batch_size", "must be positive.")
   require(tr.num_steps > 0, "train.num_steps", "must be positive.")
   for f in ("log_every", "eval_every", "ckpt_every", "keep_ckpts", "lease_stale_secs"):
     require(tr[f] > 0, f"train.{f}", "must be positive.")
+  require(tr.keep_period >= 0, "train.keep_period",
+          "must be >= 0 (0 keeps only the newest train.keep_ckpts checkpoints).")
   if num_data_parallel:
     require(tr.global_batch_size % num_data_parallel == 0, "train.global_batch_size",
             f"{tr.global_batch_size} is not divisible by the {num_data_parallel} data-parallel "
             "devices (mesh data x fsdp).")
+    micro = tr.global_batch_size // k
+    require(k == 1 or micro % num_data_parallel == 0, "optim.grad_accum_steps",
+            f"the micro-batch of {micro} rows (train.global_batch_size={tr.global_batch_size} / "
+            f"{k}) is not divisible by the {num_data_parallel} data-parallel devices (mesh data x "
+            "fsdp); use fewer accumulation steps or a larger batch.")
   require(tr.global_batch_size % process_count == 0, "train.global_batch_size",
           f"{tr.global_batch_size} is not divisible by the {process_count} processes.")
   if d.tokenizer.startswith("file:"):

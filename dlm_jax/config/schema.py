@@ -107,6 +107,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.optim.eps = 1e-8
   c.optim.grad_clip = 1.0
   c.optim.ema_decay = 0.9999  # 0 disables EMA
+  c.optim.ema_warmup = False  # decay at update n: min(ema_decay, (1 + n) / (10 + n))
+  c.optim.grad_accum_steps = 1  # micro-batches per update: global_batch_size rows in k slices
 
   c.train = ml_collections.ConfigDict()
   c.train.global_batch_size = 512
@@ -115,7 +117,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.eval_every = 5000
   c.train.eval_batches = 16
   c.train.ckpt_every = 5000
-  c.train.keep_ckpts = 3
+  c.train.keep_ckpts = 3        # the newest k checkpoints are kept ...
+  c.train.keep_period = 0       # ... plus every step that is a multiple of this (0 = none)
   c.train.nan_policy = "stop"   # stop | skip
   c.train.init_from = ""        # workdir of a checkpoint to start from (fine-tuning)
   c.train.print_batch = True    # decode one batch at start-up (catches tokenizer/packing bugs)

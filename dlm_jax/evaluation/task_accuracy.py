@@ -198,9 +198,7 @@ def plot_curves(curves: dict[str, Sequence[dict[str, Any]]], path: str, tpf_key:
     title: plot title.
     errors: optional label -> (x_err, y_err) per point (e.g. std over seeds).
   """
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  plt = metrics_lib.pyplot()  # MissingExtraError without the [plots] extra
   fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
   for label, pts in curves.items():
     pts = sorted(pts, key=lambda p: p[tpf_key])

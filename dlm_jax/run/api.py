@@ -40,7 +40,7 @@ def read_run_config(workdir: str, step: int | None = None) -> tuple[ml_collectio
 
   Fields that moved since the run was saved are read under their new names.
   """
-  ckpt = ckpt_lib.Checkpointer(workdir, async_save=False)
+  ckpt = ckpt_lib.Checkpointer(workdir, read_only=True)
   try:
     steps = ckpt.all_steps()
     if not steps:
@@ -73,9 +73,11 @@ class LoadedRun:
   def mesh(self) -> jax.sharding.Mesh:
     return self.experiment.mesh
 
-  def sample(self, num_samples: int | None = None, seed: int = 0, prompt: str | None = None,
-             **overrides: Any) -> dict[str, Any]:
+  def sample(self, num_samples: int | None = None, seed: int | None = None,
+             prompt: str | None = None, **overrides: Any) -> dict[str, Any]:
     """Draws samples; overrides are config.sample fields (decoder, num_steps, tau, ...).
+
+    `seed` None uses config.sample.seed.
 
     Returns the method's output dict (tokens, nfe, ...) as numpy plus 'texts'.
     """
@@ -89,7 +91,8 @@ class LoadedRun:
       s.batch_size = min(s.batch_size, num_samples) if s.batch_size else num_samples
     return sample_batches(self, s, seed=seed, prompt_text=prompt)
 
-  def sample_text(self, num_samples: int = 4, seed: int = 0, **overrides: Any) -> list[str]:
+  def sample_text(self, num_samples: int = 4, seed: int | None = None,
+                  **overrides: Any) -> list[str]:
     return self.sample(num_samples=num_samples, seed=seed, **overrides)["texts"]
 
   def logits(self, tokens: Any, sigma: Any = None) -> np.ndarray:
@@ -160,9 +163,9 @@ def _eval_sums_jit(run: LoadedRun):
   return run._eval_fn  # pylint: disable=protected-access
 
 
-def sample_batches(run: LoadedRun, s: ml_collections.ConfigDict, seed: int = 0,
+def sample_batches(run: LoadedRun, s: ml_collections.ConfigDict, seed: int | None = None,
                    prompt_text: str | None = None) -> dict[str, Any]:
-  """Runs the method's decoder over ceil(num_samples / batch_size) batches.
+  """Runs the method's decoder over ceil(num_samples / batch_size) batches (seed None: s.seed).
 
   The decoder and its options are checked first (ConfigError naming the sample.* field), as the
   `sample` command does.
@@ -175,7 +178,7 @@ def sample_batches(run: LoadedRun, s: ml_collections.ConfigDict, seed: int = 0,
     prompt = np.tile(np.asarray(ids, np.int32)[None], (s.batch_size, 1))
   merged = common.sample_in_batches(
       lambda key: run.method.sample(run.params, key, s, prompt=prompt), s.num_samples,
-      s.batch_size, seed, run.mesh)
+      s.batch_size, s.seed if seed is None else seed, run.mesh)
   merged["texts"] = run.method.decode_samples(merged, tok) if hasattr(
       run.method, "decode_samples") else [tok.decode(list(r)) for r in merged["tokens"]]
   return merged
@@ -202,9 +205,10 @@ def load(workdir: str, step: int | None = None, use_ema: bool = True,
   # The batch only needs to divide over the notebook's devices for evaluation helpers.
   n = parallel.data_parallel_size(mesh)
   config.train.global_batch_size = max(n, (config.train.global_batch_size // n) * n)
+  config.optim.grad_accum_steps = 1  # a training setting; the micro-batch need not fit here
   config.mesh.data, config.mesh.fsdp, config.mesh.tensor = -1, 1, 1
   exp = exp_lib.Experiment.create(config, mesh=mesh, tokenizer=tokenizer, check_data=False)
-  ckpt = ckpt_lib.Checkpointer(workdir, async_save=False)
+  ckpt = ckpt_lib.Checkpointer(workdir, read_only=True)
   try:
     # With step=None this walks back past a corrupt newest checkpoint.
     got, state, _ = ckpt.restore(exp.abstract_state(), step=step, check_meta=exp.check_meta)

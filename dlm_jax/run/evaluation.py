@@ -8,6 +8,7 @@ themselves are `dlm_jax.evaluation`; this module loads the runs and writes the r
 from __future__ import annotations
 
 import json
+import logging
 import os
 from typing import Any, Optional, Sequence
 
@@ -15,6 +16,7 @@ import jax
 import numpy as np
 
 from dlm_jax import config as config_lib
+from dlm_jax import metrics as metrics_lib
 from dlm_jax import parallel
 from dlm_jax import paths
 from dlm_jax.data import sources
@@ -26,7 +28,12 @@ from dlm_jax.run import trainer as train_lib
 
 def run_eval(workdir: str, step: int | None = None, num_batches: int | None = None,
              num_t: int | None = None, use_ema: bool = True, judge_workdir: str | None = None,
-             gen_samples: int = 32, sample_overrides: dict | None = None, seed: int = 0) -> dict:
+             gen_samples: int = 32, sample_overrides: dict | None = None,
+             seed: int | None = None) -> dict:
+  """Likelihood bound (and gen-PPL with a judge) of a saved run; writes eval_step{N}.json.
+
+  The gen-PPL samples use config.sample (with `sample_overrides`); `seed` None: its seed.
+  """
   run = api.load(workdir, step=step, use_ema=use_ema)
   exp = run.experiment
   try:  # the tokenizer came from the workdir; the evaluation split still comes from the data
@@ -42,7 +49,9 @@ def run_eval(workdir: str, step: int | None = None, num_batches: int | None = No
              split=run.config.data.eval_split)
   if judge_workdir:
     judge = api.load(judge_workdir)
-    out = run.sample(num_samples=gen_samples, seed=seed, **(sample_overrides or {}))
+    overrides = dict(sample_overrides or {})
+    sample_seed = overrides.pop("seed", None) if seed is None else seed
+    out = run.sample(num_samples=gen_samples, seed=sample_seed, **overrides)
     res["gen"] = dict(gen_ppl_lib.gen_ppl(judge, out["texts"]), judge=judge_workdir,
                       decoder=run.config.sample.decoder,
                       num_steps=int(sample_overrides.get("num_steps", run.config.sample.num_steps))
@@ -87,7 +96,12 @@ def run_task_eval(workdir: str, *, taus: Sequence[float] = task_accuracy.DEFAULT
   out_dir = out_dir or workdir
   base = paths.join(out_dir, f"task_eval_step{res['step']}")
   if parallel.is_main_process():
-    res["plot"] = task_accuracy.plot_curves({os.path.basename(os.path.normpath(workdir)): res["points"]}, base + ".png")
+    try:
+      res["plot"] = task_accuracy.plot_curves(
+          {os.path.basename(os.path.normpath(workdir)): res["points"]}, base + ".png")
+    except metrics_lib.MissingExtraError as e:  # the JSON is still written: nothing is lost
+      logging.warning("No plot: %s", e)
+      res["plot"] = None
     res["json"] = base + ".json"
     paths.write_text(base + ".json", json.dumps(res, indent=2))
   return res

@@ -135,28 +135,105 @@ class PrefetchIterator:
 
 
 # -- the step ------------------------------------------------------------------------------------
+def ema_decay_at(decay: float, warmup: bool, num_updates: jax.Array) -> jax.Array | float:
+  """The EMA decay of the update after `num_updates` updates: `decay`, or with warm-up
+  min(decay, (1 + n) / (10 + n)), so the random initialisation leaves the average early."""
+  if not warmup:
+    return decay  # a Python float: 1 - decay is then formed in double precision, as before
+  n = jnp.asarray(num_updates, jnp.float32)
+  return jnp.minimum(jnp.float32(decay), (1.0 + n) / (10.0 + n))
+
+
+def micro_batches(batch: dict[str, jax.Array], k: int, group: int = 1) -> dict[str, jax.Array]:
+  """[B, ...] -> [k, B / k, ...]: micro-batch j holds the groups of `group` rows j, j + k, ...
+
+  Strided, so each micro-batch spans the whole batch (its stratified times too) and takes
+  the same rows from every device's shard; `row_index` [k, B / k] records each row's place
+  in the batch (`diffusion.keys.step_rows`).
+  """
+  def split(x):
+    b = x.shape[0]
+    x = x.reshape((b // (group * k), k, group) + x.shape[1:])
+    return jnp.swapaxes(x, 0, 1).reshape((k, b // k) + x.shape[3:])
+
+  b = batch["tokens"].shape[0]
+  out = {name: split(x) for name, x in batch.items()}
+  out["row_index"] = split(jnp.arange(b, dtype=jnp.int32))
+  return out
+
+
+def _loss_and_grads(exp: exp_lib.Experiment, params, batch, key):
+  """(loss, metrics, grads) of the global batch, in optim.grad_accum_steps micro-batches.
+
+  The micro-batches' gradients are summed weighted by their metrics['loss_weight'] (the count
+  the method normalised by; 1 when absent), so with every draw keyed by global example ids and
+  batch positions the result is the undivided batch's loss and gradient.
+  """
+  method = exp.method
+  k = int(exp.config.optim.grad_accum_steps)
+
+  def loss_fn(p, b):
+    return method.train_loss(p, b, key, train=True)
+
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  if k == 1:
+    (loss, metrics), grads = grad_fn(params, batch)
+    metrics = dict(metrics)
+    metrics.pop("loss_weight", None)
+    return loss, metrics, grads
+
+  micro = micro_batches(batch, k, int(getattr(method, "row_group", 1)))
+  mesh = exp.mesh
+  micro = {n: jax.lax.with_sharding_constraint(
+      x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(
+          None, parallel.BATCH_AXES, *([None] * (x.ndim - 2))))) for n, x in micro.items()}
+
+  def body(acc, mb):
+    mb = {n: jax.lax.with_sharding_constraint(x, parallel.batch_sharding(mesh, x.ndim))
+          for n, x in mb.items()}
+    (loss, metrics), grads = grad_fn(params, mb)
+    metrics = dict(metrics)
+    w = jnp.asarray(metrics.pop("loss_weight", 1.0), jnp.float32)
+    acc = jax.tree.map(lambda a, g: a + w * g, acc, grads)
+    return acc, (loss, w, metrics)
+
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  grad_sum, (losses, weights, metrics) = jax.lax.scan(body, zeros, micro)
+  total = jnp.sum(weights)
+  inv = jnp.where(total > 0, 1.0 / jnp.where(total > 0, total, 1.0), 0.0)
+  grads = jax.tree.map(lambda g: g * inv, grad_sum)
+  share = jnp.where(total > 0, weights * inv, 1.0 / k)  # each micro-batch's share of the batch
+  summed = set(getattr(method, "summed_metrics", ()))
+  metrics = {n: jnp.sum(v, 0) if n in summed else jnp.tensordot(share, v, 1)
+             for n, v in metrics.items()}
+  loss = jnp.sum(share * losses)
+  metrics["loss"] = loss
+  return loss, metrics, grads
+
+
 def make_train_step(exp: exp_lib.Experiment):
-  """Returns train_step(state, batch, base_key) -> (state, metrics), pure and jittable."""
-  method, tx = exp.method, exp.tx
+  """Returns train_step(state, batch, base_key) -> (state, metrics), pure and jittable.
+
+  One call is one optimizer update (optim.grad_accum_steps micro-batches inside it): the step
+  counter, the learning-rate schedule, the EMA and the logged metrics all count updates.
+  """
+  tx = exp.tx
   ema_decay = float(exp.config.optim.ema_decay)
+  ema_warmup = bool(exp.config.optim.ema_warmup)
   global_batch = exp.config.train.global_batch_size
 
   def train_step(state: exp_lib.TrainState, batch: dict[str, jax.Array], base_key: jax.Array):
     key = jax.random.fold_in(base_key, state.step)
     if "example_id" not in batch:
       batch = dict(batch, example_id=state.step * global_batch + jnp.arange(global_batch))
-
-    def loss_fn(params):
-      return method.train_loss(params, batch, key, train=True)
-
-    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    loss, metrics, grads = _loss_and_grads(exp, state.params, batch, key)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     if state.ema_params is not None:
-      ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p,
-                         state.ema_params, params)
+      decay = ema_decay_at(ema_decay, ema_warmup, state.step)
+      ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
     else:
       ema = None
     new = exp_lib.TrainState(step=state.step + 1, params=params, ema_params=ema,
@@ -170,6 +247,8 @@ def make_train_step(exp: exp_lib.Experiment):
     metrics = dict(metrics, grad_norm=grad_norm, param_norm=optax.tree.norm(state.params),
                    update_norm=optax.tree.norm(updates), lr=exp.lr_schedule(state.step),
                    nonfinite=(~finite).astype(jnp.float32))
+    if ema_warmup and state.ema_params is not None:
+      metrics["ema_decay"] = ema_decay_at(ema_decay, ema_warmup, state.step)
     return new, metrics
 
   return train_step
@@ -257,8 +336,11 @@ def _lease_lost_error(lease: lease_lib.WorkdirLease | None) -> lease_lib.LeaseLo
 
 def _restore_init_from(exp, state, workdir: str):
   """Fine-tuning: take params (and EMA) from another run's newest checkpoint."""
-  other = ckpt_lib.Checkpointer(workdir, async_save=False)
-  step, restored, _ = other.restore(exp.abstract_state(), check_meta=exp.check_meta)
+  try:
+    other = ckpt_lib.Checkpointer(workdir, read_only=True)
+    step, restored, _ = other.restore(exp.abstract_state(), check_meta=exp.check_meta)
+  except ckpt_lib.CheckpointError as e:
+    raise ckpt_lib.CheckpointError(f"config.train.init_from={workdir!r}: {e}") from e
   logging.info("Initialised parameters from %s (step %d).", workdir, step)
   other.close()
   return state.replace(params=restored.params,
@@ -306,7 +388,8 @@ def _train(exp: exp_lib.Experiment, workdir: str, stop_after_steps: int | None,
   cfg = exp.config
   main = parallel.is_main_process()
   lease_lost = lambda: lease is not None and lease.lost is not None  # noqa: E731
-  ckpt = ckpt_lib.Checkpointer(workdir, keep=cfg.train.keep_ckpts)
+  ckpt = ckpt_lib.Checkpointer(workdir, keep=cfg.train.keep_ckpts,
+                              keep_period=cfg.train.keep_period)
   data_it = PrefetchIterator(exp_lib.make_train_iterator(cfg, exp.tokenizer), exp.mesh,
                              cfg.data.prefetch)
   start_step = 0
@@ -400,7 +483,7 @@ def _train(exp: exp_lib.Experiment, workdir: str, stop_after_steps: int | None,
                 f"(step {last_saved}) is kept. Lower config.optim.lr or check the data, or set "
                 "config.train.nan_policy='skip'.")
           logging.warning(msg + " Continuing (config.train.nan_policy='skip').")
-      if step % cfg.train.eval_every == 0 and step < total:
+      if step % cfg.train.eval_every == 0 or step == total:  # the final step too
         params = state.ema_params if state.ema_params is not None else state.params
         ev = evaluate_nelbo(exp, eval_step, params, cfg.train.eval_batches)
         writer.write_scalars(step, ev, prefix="eval/")
