@@ -46,9 +46,11 @@ def folder(request, tmp_path):
   return _gs("paths")
 
 
-def _rows(workdir):
-  return [json.loads(line) for line in paths.read_text(paths.join(workdir, "metrics.jsonl"))
+def _rows(workdir, kind="train/"):
+  """The metric rows of one kind (train/ or eval/: the final-step evaluation shares the file)."""
+  rows = [json.loads(line) for line in paths.read_text(paths.join(workdir, "metrics.jsonl"))
           .splitlines() if line.strip()]
+  return [r for r in rows if any(k.startswith(kind) for k in r)]
 
 
 def _event_steps(workdir, tag="train/loss"):
@@ -240,6 +242,7 @@ def test_failed_upload_keeps_the_previous_checkpoint_and_resume_matches(gcs_emul
   assert out["step"] == 6
   got, want = _losses(_rows(wd)), _losses(_rows(straight))
   assert sorted(got) == [r["step"] for r in _rows(wd)] == list(range(1, 7))
+  assert [r["step"] for r in _rows(wd, "eval/")] == [6]  # one final evaluation, not one per attempt
   for step in want:
     assert got[step] == pytest.approx(want[step], rel=1e-6), (step, got, want)
   a = jax.device_get(api.load(wd, use_ema=False).params)
