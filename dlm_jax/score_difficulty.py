@@ -44,7 +44,8 @@ ScoringError = sft.SFTDataError
 
 def check_teacher(teacher: Any, teacher_workdir: str, student_tok: Any | None, student_setting: str) -> None:
   """Raises ScoringError when the run is not causal or its tokenizer differs from the student's."""
-  if teacher.config.method != "ar" or not hasattr(teacher.method, "per_token_nll"):
+  if (getattr(teacher.method, "family", "") != "causal"
+      or not hasattr(teacher.method, "per_token_nll")):
     raise ScoringError(f"--teacher_workdir={teacher_workdir!r} holds a run with config.method="
                        f"{teacher.config.method!r}; the teacher must be a causal LM (method 'ar').")
   if student_tok is None:

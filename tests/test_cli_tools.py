@@ -236,3 +236,19 @@ def test_prepare_help_and_missing_data_errors_name_real_fields(tmp_path):
     messages.append(str(e.value))
   assert all("config." in m for m in messages), messages
   assert [_unknown_fields(m) for m in messages] == [set()] * 3, messages
+
+
+def test_judges_and_decoders_are_checked_by_family_not_name():
+  """gen-PPL judges must be causal and --task_accuracy decodes masked runs: by method family."""
+  import types  # pylint: disable=g-import-not-at-top
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from dlm_jax.evaluation import gen_ppl, task_accuracy  # pylint: disable=g-import-not-at-top
+  masked = types.SimpleNamespace(config=ml_collections.ConfigDict(
+      dict(method="mdlm", data=dict(source="arith"))), method=types.SimpleNamespace(family="masked"))
+  with pytest.raises(ValueError, match="'causal' family.*method='mdlm'"):
+    gen_ppl.judge_nll(masked, ["x"])
+  causal = types.SimpleNamespace(config=ml_collections.ConfigDict(
+      dict(method="ar", data=dict(source="arith"))),
+      method=types.SimpleNamespace(family="causal", logits_fn=None))
+  with pytest.raises(ValueError, match="'masked' family.*method='ar'"):
+    task_accuracy.evaluate_run(causal)

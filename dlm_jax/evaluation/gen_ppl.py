@@ -33,9 +33,9 @@ def judge_nll(judge: Any, texts: Sequence[str], batch_size: int = 16) -> tuple[n
   Texts longer than the judge's context are truncated to it (the count says how many tokens
   were scored).
   """
-  if judge.config.method != "ar":
-    raise ValueError(f"The gen-PPL judge must be an autoregressive run (method 'ar'), got "
-                     f"{judge.config.method!r}.")
+  if getattr(judge.method, "family", "") != "causal":
+    raise ValueError(f"The gen-PPL judge must be an autoregressive run (a method of the 'causal' "
+                     f"family, e.g. 'ar'), got method={judge.config.method!r}.")
   tok = judge.tokenizer
   length = judge.config.data.seq_len
   rows = []

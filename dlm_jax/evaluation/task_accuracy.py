@@ -156,8 +156,9 @@ def evaluate_run(run: Any, *, taus: Sequence[float] = DEFAULT_TAUS, one_token: b
   if cfg.data.source != "arith":
     raise ValueError(f"--task_accuracy needs an ARITH-CHAIN run (config.data.source='arith'), got "
                      f"{cfg.data.source!r}.")
-  if not hasattr(run.method, "logits_fn") or cfg.method != "mdlm":
-    raise ValueError(f"--task_accuracy decodes masked-diffusion runs (method 'mdlm'), got {cfg.method!r}.")
+  if not hasattr(run.method, "logits_fn") or getattr(run.method, "family", "") != "masked":
+    raise ValueError(f"--task_accuracy decodes masked-diffusion runs (a method of the 'masked' "
+                     f"family, e.g. 'mdlm'), got method={cfg.method!r}.")
   task = tasks.ArithChain()
   block_len = int(block_len or cfg.sample.block_len)
   gen_len = int(gen_len or cfg.sample.gen_len or (task.response_len // block_len) * block_len)
