@@ -1,5 +1,6 @@
 """MDLM maths against the oracles of spec/mdlm.md (closed forms, exact enumeration)."""
 
+import itertools
 import math
 
 import jax
@@ -114,6 +115,40 @@ def test_o4_exact_enumeration():
   assert sum(p * g for p, g in zip(data.values(), got)) == pytest.approx(1.0397208, abs=1e-6)
 
 
+
+def _exact_nelbo_through_the_loss(logits_fn, x0, mask_id, nodes=8):
+  """Exact NELBO of one sequence through the production loss: integral over t of
+  E_mask[w(t) sum CE] with every mask pattern enumerated (P = t^k (1 - t)^(L - k) for the
+  log-linear schedule) and Gauss-Legendre in t (the integrand is a polynomial of degree L - 1).
+  One batched `mdlm_loss` call scores every (pattern, node) row."""
+  length = len(x0)
+  g, gw = np.polynomial.legendre.leggauss(nodes)
+  ts, ws = (g + 1) / 2, gw / 2
+  patterns = np.array(list(itertools.product([False, True], repeat=length)))
+  rows_m = np.repeat(patterns, len(ts), axis=0)
+  rows_t = np.tile(ts, len(patterns))
+  rows_w = np.tile(ws, len(patterns))
+  p_mask = np.prod(np.where(rows_m, rows_t[:, None], 1 - rows_t[:, None]), axis=1)
+  x = jnp.tile(jnp.asarray(x0, jnp.int32)[None], (len(rows_t), 1))
+  xt = jnp.where(rows_m, mask_id, x)
+  _, aux = mdlm.mdlm_loss(logits_fn(xt), x, jnp.asarray(rows_m), jnp.asarray(rows_t, jnp.float32),
+                          SCHED, jnp.ones_like(x, bool), mask_id, "sum")
+  return float(np.sum(rows_w * p_mask * np.asarray(aux["per_seq"], np.float64)))
+
+
+def test_o4_exact_enumeration_through_the_loss():
+  """O4 with the loss the trainer minimises (not the test-only enumerator): the Bayes-optimal
+  denoiser's NELBO is -log p(x0) for each sequence of the spec's data."""
+  _, logits_fn = _bayes({"aa": 0.5, "bb": 0.5})
+  assert _exact_nelbo_through_the_loss(logits_fn, [0, 0], 2) == pytest.approx(0.6931472, abs=1e-5)
+  data = {"ab": 0.5, "ba": 0.25, "aa": 0.25}
+  _, logits_fn = _bayes(data)
+  got = [_exact_nelbo_through_the_loss(logits_fn, [{"a": 0, "b": 1}[c] for c in s], 2)
+         for s in data]
+  np.testing.assert_allclose(got, [0.6931472, 1.3862944, 1.3862944], atol=1e-5)
+  assert sum(p * g for p, g in zip(data.values(), got)) == pytest.approx(1.0397208, abs=1e-5)
+
+
 def test_monte_carlo_nelbo_converges_to_exact():
   data = {"ab": 0.5, "ba": 0.25, "aa": 0.25}
   _, logits_fn = _bayes(data)
@@ -136,19 +171,37 @@ def test_o5_subs_cross_entropy_and_carry_over():
   assert float(jnp.exp(lp_masked[0, 0, 3])) == 0.0
 
 
-def test_o6_stratified_times():
+def _uniforms_at(monkeypatch, value):
+  """Every jax.random.uniform draw returns `value` (scaled to [minval, maxval))."""
+  def fixed(key, shape=(), dtype=jnp.float32, minval=0.0, maxval=1.0):
+    del key
+    return minval + (maxval - minval) * jnp.full(shape, value, dtype)
+  monkeypatch.setattr(jax.random, "uniform", fixed)
+
+
+def test_o6_stratified_times(monkeypatch):
   n, t_min = 4, 1e-3
-  key = jax.random.key(11)
-  t = mdlm.sample_times(key, n, t_min, "stratified")
-  u = jnp.array([jax.random.uniform(jax.random.fold_in(key, i)) for i in range(n)])
-  np.testing.assert_allclose(t, t_min + (1 - t_min) * (jnp.arange(n) + u) / n, rtol=1e-6)
-  # With all U_i = 0.5 the formula gives the spec's values.
-  np.testing.assert_allclose(t_min + (1 - t_min) * (jnp.arange(n) + 0.5) / n,
-                             [0.125875, 0.375625, 0.625375, 0.875125], rtol=1e-6)
+  # Property: across draws exactly one t falls in each stratum.
   for seed in range(50):
     t = np.asarray(mdlm.sample_times(jax.random.key(seed), n, t_min))
+    assert (t >= t_min).all() and (t < 1.0).all()
     strata = np.floor((t - t_min) / (1 - t_min) * n).astype(int)
     np.testing.assert_array_equal(np.sort(strata), np.arange(n))
+  # The spec's numbers through sample_times itself, with every U_i = 0.5.
+  _uniforms_at(monkeypatch, 0.5)
+  key = jax.random.key(11)
+  np.testing.assert_allclose(mdlm.sample_times(key, n, t_min, "stratified"),
+                             [0.125875, 0.375625, 0.625375, 0.875125], rtol=1e-6)
+  # A slice of the global batch (index_offset, global_batch) gets its strata, not the first ones.
+  np.testing.assert_allclose(mdlm.sample_times(key, 2, t_min, "stratified", index_offset=2,
+                                               global_batch=4), [0.625375, 0.875125], rtol=1e-6)
+  # "vdm": one shared U, u_i = (U + i / N) mod 1 -> (0.5, 0.75, 0, 0.25); "iid": u_i = U_i.
+  np.testing.assert_allclose(mdlm.sample_times(key, n, t_min, "vdm"),
+                             t_min + (1 - t_min) * np.array([0.5, 0.75, 0.0, 0.25]), rtol=1e-6)
+  np.testing.assert_allclose(mdlm.sample_times(key, n, t_min, "iid"),
+                             np.full(n, t_min + (1 - t_min) * 0.5), rtol=1e-6)
+  with pytest.raises(ValueError, match="time_sampling"):
+    mdlm.sample_times(key, n, t_min, "uniform")
 
 
 def test_stratified_slices_match_global_batch():

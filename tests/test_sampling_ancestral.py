@@ -113,6 +113,67 @@ def test_o11_float64_draws():
   assert gumbel_noise(jax.random.PRNGKey(0), (4,)).dtype == jnp.float32  # documented fallback
 
 
+
+def _eqns(jaxpr, out):
+  """Every equation of a jaxpr, sub-jaxprs (loops, conds, jits) included."""
+  for e in jaxpr.eqns:
+    out.append(e)
+    for p in e.params.values():
+      for sub in (p if isinstance(p, (list, tuple)) else [p]):
+        if hasattr(sub, "jaxpr") and hasattr(sub.jaxpr, "eqns"):
+          _eqns(sub.jaxpr, out)
+        elif hasattr(sub, "eqns"):
+          _eqns(sub, out)
+  return out
+
+
+@pytest.mark.parametrize("x64", [True, False])
+def test_o11_the_sampler_draws_in_float64(x64):
+  """The traced ancestral sampler: under x64 every random draw takes 64 random bits and the
+  categorical over the vocabulary is an argmax over float64 scores; without x64 both are 32-bit
+  (the documented fallback)."""
+  v, mask_id = 5, 4
+  fn = constant_model([0.1, 0.2, 0.3, 0.4], mask_id)
+  x0 = jnp.full((2, 3), mask_id, jnp.int32)
+  maskable = jnp.ones((2, 3), bool)
+  with jax.enable_x64(x64):
+    jaxpr = jax.make_jaxpr(lambda k: ancestral.ancestral_sample(fn, k, x0, maskable, mask_id, 4))(
+        jax.random.PRNGKey(0))
+  eqns = _eqns(jaxpr.jaxpr, [])
+  bits = [e for e in eqns if e.primitive.name == "random_bits"]
+  draws = [e for e in eqns if e.primitive.name == "argmax" and e.invars[0].aval.shape[-1] == v]
+  assert bits and draws
+  want_bits, want_dtype = (64, jnp.float64) if x64 else (32, jnp.float32)
+  assert {e.params["bit_width"] for e in bits} == {want_bits}
+  assert any(e.outvars[0].aval.shape[-1] == v for e in bits)  # noise per vocabulary entry
+  assert {e.invars[0].aval.dtype for e in draws} == {jnp.dtype(want_dtype)}
+
+
+def test_o11_float64_gumbel_tail_passes_the_float32_cap():
+  """The float64 noise the sampler draws reaches past the float32 cap (15.94): the largest of
+  2^25 draws with this key is 19.3 (P(max > 15.94) = 1 - exp(-2^25 * 1.2e-7) = 0.98)."""
+  with jax.enable_x64(True):
+    top = jax.jit(lambda k: jnp.max(gumbel_noise(k, (1 << 25,))))(jax.random.PRNGKey(0))
+  assert float(top) > max_gumbel(jnp.float32) + 3.0
+
+
+def test_o11_common_random_numbers_resolve_float64_uniforms():
+  """Inverse-CDF draws from shared uniforms: a token of probability 1e-10 between two equal
+  halves owns u in [0.5 - 5e-11, 0.5 + 5e-11), so u = 0.5 draws it in float64; float32 rounds
+  both CDF steps to 0.5 and draws the next token."""
+  mask_id = 3
+  fn = constant_model([0.5, 1e-10, 0.5 - 1e-10], mask_id)
+  x0 = jnp.full((1, 2), mask_id, jnp.int32)
+  maskable = jnp.ones((1, 2), bool)
+  for x64, want in ((True, [1, 0]), (False, [2, 0])):
+    with jax.enable_x64(x64):
+      dtype = jnp.float64 if x64 else jnp.float32
+      u = jnp.asarray(np.array([[[0.5, 0.25]]]), dtype)  # one step, t = 1 -> 0
+      tokens, _ = ancestral.ancestral_sample(fn, jax.random.PRNGKey(0), x0, maskable, mask_id, 1,
+                                             uniforms=u)
+    np.testing.assert_array_equal(np.asarray(tokens[0]), want, err_msg=f"x64={x64}")
+
+
 def test_scheduled_all_heavy_bit_for_bit_and_switch():
   vocab, mask_id, t_steps = 7, 6, 6
   heavy, light = tiny_model(vocab, 0), tiny_model(vocab, 1)
