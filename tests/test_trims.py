@@ -329,6 +329,26 @@ def test_aup_oracle(caplog):
     trims_metrics.aup([], [], y_max=80)
 
 
+
+def test_aup_by_hand_on_its_boundaries(caplog):
+  """A point exactly y_min_offset below y_1 is kept (>=), one further below is dropped; W is
+  capped at 1 above y_max; alpha enters as exp(-alpha (1 - y / y_max))."""
+  # Points (1, 50), (2, 45), (4, 44.5), y_max 50: the last is dropped (44.5 < 45).
+  w45 = math.exp(-3 * (1 - 45 / 50))
+  want = 1 * 50 + (2 - 1) * (45 * w45 + 50) / 2
+  with caplog.at_level(logging.WARNING):
+    assert trims_metrics.aup([1, 2, 4], [50, 45, 44.5], y_max=50) == pytest.approx(want, rel=1e-12)
+  assert "dropping 1 point" in caplog.text
+  # A point above y_max weighs 1, not more: (1, 40), (3, 60), y_max 50.
+  assert trims_metrics.aup([1, 3], [40, 60], y_max=50) == pytest.approx(
+      40 + 2 * (60 + 40 * math.exp(-3 * 0.2)) / 2, rel=1e-12)
+  # alpha = 1 and a wider offset keep and weigh all three points.
+  got = trims_metrics.aup([1, 2, 4], [50, 45, 44.5], y_max=50, alpha=1.0, y_min_offset=6.0)
+  wa = [math.exp(-(1 - y / 50)) for y in (50, 45, 44.5)]
+  assert got == pytest.approx(50 + (45 * wa[1] + 50 * wa[0]) / 2
+                              + 2 * (44.5 * wa[2] + 45 * wa[1]) / 2, rel=1e-12)
+
+
 def test_reveal_rank_correlation():
   bucket = np.array([[1, 2, 3, 4, 0], [1, 2, 3, 4, 0], [1, 1, 2, 2, 0], [3, 1, 2, 4, 0]])
   hard_first = np.array([0, 1, 2, 3, 9])
