@@ -118,6 +118,11 @@ def test_config_and_flags():
   assert cfg.tau == 0.8 and cfg.token_cluster_on and not cfg.conf_cluster_on
   none = r2.R2Config.from_flags("")
   assert not (none.conf_cluster_on or none.token_cluster_on or none.temporal_on)
+  assert r2.R2Config.from_flags("none") == none == r2.R2Config.from_flags(" none , ")
+  # "all" (what the decoding benchmark runs) turns every rule on, alone or with others.
+  assert r2.R2Config.from_flags("all") == r2.R2Config() == r2.R2Config.from_flags("All,token")
+  assert r2.R2Config.from_flags("all", tau=0.5).tau == 0.5
+  assert r2.R2Config.from_flags("temporal,window") == r2.R2Config(token_cluster=None)
   with pytest.raises(ValueError, match="unknown rule"):
     r2.R2Config.from_flags("conf,bogus")
   with pytest.raises(ValueError, match="tau"):

@@ -243,3 +243,15 @@ def test_metrics():
     wilson_interval(11, 10)
   with pytest.raises(ValueError, match="0 <= k <= n"):
     wilson_interval(-1, 10)
+
+
+def test_spearman_by_hand():
+  from dlm_jax.metrics import spearman  # pylint: disable=g-import-not-at-top
+  # Two points already have a correlation (+-1); one point or a constant side has none.
+  assert spearman([1, 2], [5, 9]) == pytest.approx(1.0)
+  assert spearman([1, 2], [9, 5]) == pytest.approx(-1.0)
+  assert np.isnan(spearman([1], [2])) and np.isnan(spearman([1, 2, 3], [4, 4, 4]))
+  # Ties take their average rank: x ranks (1, 2.5, 2.5, 4), y ranks (1, 2, 3, 4);
+  # rho = sum(dx dy) / sqrt(sum dx^2 sum dy^2) = 4.5 / sqrt(4.5 * 5) = 0.9486833.
+  assert spearman([1, 3, 3, 7], [10, 20, 30, 40]) == pytest.approx(0.9486833, rel=1e-6)
+  assert spearman([0.5, 0.25, 0.75], [2.0, 1.0, 3.0]) == pytest.approx(1.0)  # floats, not ints

@@ -48,6 +48,9 @@ def test_bucket_sizes():
   rng = np.random.default_rng(0)
   b = trims_buckets.assign_buckets(rng.random(25), None, K=8)
   np.testing.assert_array_equal(trims_buckets.bucket_sizes(b, 8), (4, 3, 3, 3, 3, 3, 3, 3))
+  # Always K counts, empty buckets included; bucket 0 (never masked) is not counted.
+  np.testing.assert_array_equal(trims_buckets.bucket_sizes([[1, 1, 2, 0], [0, 0, 1, 0]], 4),
+                                (3, 1, 0, 0))
 
 
 def test_buckets_invalid_slots_are_zero_and_ranked_among_valid_only():
@@ -327,6 +330,9 @@ def test_aup_oracle(caplog):
   assert trims_metrics.aup([1.0], [50.0], y_max=80) == pytest.approx(50.0)
   with pytest.raises(ValueError):
     trims_metrics.aup([], [], y_max=80)
+  with pytest.raises(ValueError, match="y_max"):
+    trims_metrics.aup([1.0], [0.0], y_max=0.0)
+  assert trims_metrics.aup([1.0, 2.0], [0.5, 0.5], y_max=0.5) == pytest.approx(1.0)  # y_max < 1 is fine
 
 
 
@@ -357,4 +363,11 @@ def test_reveal_rank_correlation():
   assert trims_metrics.reveal_rank_correlation(rows, bucket) == pytest.approx((1 - 1 + 0.4) / 3)
   assert trims_metrics.reveal_rank_correlation(rows[:1], bucket[:1]) == pytest.approx(1.0)
   assert math.isnan(trims_metrics.reveal_rank_correlation(rows[2:3], bucket[2:3]))
+  # An explicit `valid` replaces bucket > 0: dropping slot 0 of row 3 leaves passes (1, 2, 3)
+  # against buckets (1, 2, 4): +1; keeping slot 4 (bucket 0, pass 9) of row 0 gives
+  # spearman((0,1,2,3,9), (1,2,3,4,0)) = 0.
+  valid = bucket > 0
+  valid[3, 0] = False
+  assert trims_metrics.reveal_rank_correlation(rows[3:], bucket[3:], valid[3:]) == pytest.approx(1.0)
+  assert trims_metrics.reveal_rank_correlation(rows[:1], bucket[:1], np.ones((1, 5), bool)) == pytest.approx(0.0)
   assert metrics_lib.spearman([1, 2, 2, 3], [1, 2, 3, 4]) == pytest.approx(0.9486833, abs=1e-6)
