@@ -1,5 +1,5 @@
 r"""Recomputes, from the saved benchmark JSON, the spread or interval behind every ordering and
-difference the README states for TRIMS, fast decoding and training throughput.
+difference the README states for TRIMS, fast decoding, the DID toy and training throughput.
 
   python benchmarks/claims.py            # reads benchmarks/results/*.json and train_throughput.txt
 
@@ -188,6 +188,40 @@ def decoding():
           f"saving {100 * r['saving_blocks']:.1f}% FLOPs (blocks)")
 
 
+def did_toy():
+  path = os.path.join(RESULTS, "did_toy.json")
+  if not os.path.exists(path):
+    return
+  d = json.load(open(path))
+  print("\n## DID toy (3 sampling seeds x 32 samples per model and step count; different models, so "
+        "differences are treated as independent: Welch-style, t with 2 d.o.f.)")
+  per = {}
+  for r in d["records"]:
+    per.setdefault((r["method"], r["steps"]), {})[r["seed"]] = r
+  steps = sorted({s for _, s in per})
+
+  def diff_ci(xs, ys):
+    diff = statistics.fmean(xs) - statistics.fmean(ys)
+    se = math.sqrt((statistics.variance(xs) + statistics.variance(ys)) / len(xs))
+    return diff, diff - T975[2] * se, diff + T975[2] * se
+
+  for key in ("gen_ppl", "mean_len"):
+    for s in steps:
+      did = [per[("did", s)][k][key] for k in sorted(per[("did", s)])]
+      mdlm = [per[("mdlm", s)][k][key] for k in sorted(per[("mdlm", s)])]
+      diff, lo, hi = diff_ci(did, mdlm)
+      print(f"  T={s:3d} {key}: DID {statistics.fmean(did):7.1f} +- {statistics.stdev(did):5.1f}, MDLM "
+            f"{statistics.fmean(mdlm):7.1f} +- {statistics.stdev(mdlm):5.1f}; DID - MDLM {diff:+7.1f} "
+            f"(95% CI {lo:+.1f}..{hi:+.1f}: {verdict(lo, hi)})")
+  for method in ("mdlm", "did"):
+    few, many = (per[(method, s)] for s in (steps[0], steps[-1]))
+    xs = [few[k]["gen_ppl"] for k in sorted(few)]
+    ys = [many[k]["gen_ppl"] for k in sorted(many)]
+    diff, lo, hi = diff_ci(xs, ys)
+    print(f"  {method} gen-PPL T={steps[0]} - T={steps[-1]}: {diff:+.1f} (95% CI {lo:+.1f}..{hi:+.1f}: "
+          f"{verdict(lo, hi)})")
+
+
 def throughput():
   path = os.path.join(RESULTS, "train_throughput.txt")
   if not os.path.exists(path):
@@ -210,6 +244,7 @@ def throughput():
 def main():
   trims()
   decoding()
+  did_toy()
   throughput()
 
 
