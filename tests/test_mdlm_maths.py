@@ -27,6 +27,51 @@ def test_schedules_weights():
     schedules.get_schedule("linear")
 
 
+
+def test_schedules_with_eps():
+  """eps > 0 (the configs' `diffusion.eps`): alpha runs from 1 to eps, dalpha_dt is its derivative
+  and the weight is -alpha' / (1 - alpha), for both schedules."""
+  t = jnp.array([0.1, 0.5, 0.9])
+  for sched in (schedules.LogLinearSchedule(eps=0.1), schedules.CosineSchedule(eps=0.1),
+                schedules.get_schedule("cosine", eps=0.1)):
+    assert float(sched.alpha(0.0)) == pytest.approx(1.0, abs=1e-7)
+    assert float(sched.alpha(1.0)) == pytest.approx(0.1, abs=1e-7)
+    np.testing.assert_allclose(sched.mask_prob(t), 1.0 - sched.alpha(t), rtol=1e-6)
+    if hasattr(sched, "dalpha_dt"):
+      np.testing.assert_allclose(sched.dalpha_dt(t), jax.vmap(jax.grad(sched.alpha))(t), rtol=1e-5)
+    deriv = jax.vmap(jax.grad(sched.alpha))(t)
+    np.testing.assert_allclose(sched.weight(t), -deriv / (1.0 - sched.alpha(t)), rtol=1e-5)
+  assert schedules.get_schedule("loglinear") == schedules.LogLinearSchedule(eps=0.0)
+
+
+@pytest.mark.parametrize("mode", mdlm.TIME_SAMPLING_MODES)
+def test_sample_times_each_mode_by_hand(mode):
+  """Every time-sampling mode against its formula, on global indices 4..7 of a global batch of 8
+  (given as an offset, or as an explicit `index`, which is what is used when given)."""
+  key, n, t_min = jax.random.key(3), 8, 0.1
+  idx = np.arange(4, 8)
+  t = np.asarray(mdlm.sample_times(key, 4, t_min, mode, index_offset=4, global_batch=n))
+  u_i = np.array([float(jax.random.uniform(jax.random.fold_in(key, int(i)))) for i in idx])
+  u = {"stratified": (idx + u_i) / n, "iid": u_i,
+       "vdm": np.mod(float(jax.random.uniform(key)) + idx / n, 1.0)}[mode]
+  np.testing.assert_allclose(t, t_min + (1.0 - t_min) * u, rtol=1e-6, atol=1e-7)
+  assert t.min() >= t_min and t.max() < 1.0
+  rev = mdlm.sample_times(key, 4, t_min, mode, global_batch=n, index=jnp.asarray(idx[::-1]))
+  np.testing.assert_allclose(np.asarray(rev), t[::-1], rtol=1e-6)
+
+
+def test_nelbo_draws_t_within_t_min_and_one():
+  """With t in [t_min, 1) and the log-linear schedule, a uniform model's per-sequence NELBO is
+  L log(V-1) in expectation for any t_min; at t_min = 0.999 every token is masked with
+  probability >= 0.999 and the weight is ~1, so the estimate is that value almost surely
+  (t past 1 would mask everything at a weight below 1 and come out low)."""
+  b, l, v = 64, 6, 5
+  x0 = jax.random.randint(jax.random.key(0), (b, l), 0, 4)
+  fn = lambda xt: jnp.zeros(xt.shape + (v,))  # noqa: E731
+  per_seq = mdlm.nelbo(fn, x0, jnp.ones((b, l), bool), jax.random.key(1), SCHED, 4, num_t=4,
+                       t_min=0.999)
+  np.testing.assert_allclose(np.asarray(per_seq), l * math.log(4), rtol=2e-3)
+
 def test_o1_uniform_fixed_mask_instance():
   # V' = 4 real tokens + MASK (id 4); uniform logits over the real ones.
   logits = jnp.zeros((1, 4, 5))

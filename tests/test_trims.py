@@ -72,6 +72,50 @@ def test_buckets_batched_matches_rows_and_jnp_version():
     np.testing.assert_array_equal(np.asarray(trims_buckets.assign_buckets_jnp(d, valid, K=4, order=order)), batched)
 
 
+
+def test_buckets_jnp_without_valid_and_on_one_response():
+  """valid=None (all valid) and a single [R] response give the host version's labels too."""
+  d = np.array([[0.3, 0.9, 0.1, 0.5, 0.2], [1.0, 2.0, 3.0, 4.0, 5.0]])
+  for order in ("hard_first", "easy_first"):
+    np.testing.assert_array_equal(np.asarray(trims_buckets.assign_buckets_jnp(d, None, K=4, order=order)),
+                                  trims_buckets.assign_buckets(d, None, K=4, order=order))
+    np.testing.assert_array_equal(np.asarray(trims_buckets.assign_buckets_jnp(d[0], None, K=4, order=order)),
+                                  trims_buckets.assign_buckets(d[0], None, K=4, order=order))
+  np.testing.assert_array_equal(np.asarray(trims_buckets.assign_buckets_jnp(d[1], K=4)), [4, 3, 2, 1, 1])
+
+
+
+def test_bits_and_perplexity_of_one_token():
+  """The shared likelihood conversions at a count of one token (and of none)."""
+  assert metrics_lib.bits_per_token(3.0, 1) == pytest.approx(3.0 / math.log(2.0))
+  assert metrics_lib.perplexity_bound(2.0, 1) == pytest.approx(math.exp(2.0))
+  assert metrics_lib.bits_per_token(0.0, 0) == 0.0 and metrics_lib.perplexity_bound(0.0, 0) == 1.0
+  assert metrics_lib.tokens_per_forward(np.array([3, 4]), np.array([1, 1])) == pytest.approx(3.5)
+
+@pytest.mark.parametrize("k_law", ["uniform", "tied_to_t", None])
+def test_trims_mask_returns_the_t_of_its_law(k_law):
+  """k_law="uniform" (the default): k ~ U{0..K-1} and t = the nominal masked fraction of k (what a
+  1/t weighting divides by); "tied_to_t": t ~ U(t_min, 1) and k = k_from_t(t)."""
+  buckets = jnp.asarray(np.tile(np.repeat(np.arange(1, 9), 4), (256, 1)).astype(np.int8))
+  keys = jax.random.split(jax.random.key(5), 256)
+  if k_law is None:
+    _, k, t = trims_masks.trims_mask_batch(keys, buckets)
+  else:
+    _, k, t = trims_masks.trims_mask_batch(keys, buckets, K=8, p_context=0.1, p_future=0.9,
+                                           k_law=k_law, t_min=0.3)
+  k, t = np.asarray(k), np.asarray(t, np.float64)
+  # tied_to_t with t >= 0.3: k = floor(8 (1 - t)) <= 5.
+  assert sorted(set(k.tolist())) == list(range(6 if k_law == "tied_to_t" else 8))
+  if k_law == "tied_to_t":
+    assert t.min() >= 0.3 and t.max() < 1.0
+    np.testing.assert_array_equal(k, np.minimum(7, np.floor((1.0 - t) * 8)))
+  else:
+    pc, pf = (0.05, 0.95) if k_law is None else (0.1, 0.9)
+    np.testing.assert_allclose(t, (pf * (8 - k) + pc * k) / 8, rtol=1e-6)
+  if k_law is None:  # the default t_min of "tied_to_t" keeps t in [1e-3, 1)
+    _, _, t = trims_masks.trims_mask_batch(keys, buckets, k_law="tied_to_t")
+    assert float(jnp.min(t)) >= 1e-3 and float(jnp.max(t)) < 1.0
+
 def test_buckets_random_order_is_seeded_permutation_of_hard_first():
   rng = np.random.default_rng(2)
   d = rng.random((3, 25))
