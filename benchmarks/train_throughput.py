@@ -11,7 +11,7 @@ every round, so a slow spell of a shared host hits every side):
               + backward + clipping + AdamW + EMA + LR schedule, run from outside a local checkout
               given with --mdlm_repo (benchmarks/published_mdlm/driver.py, CPU stand-ins for
               flash-attn; the checkout's commit is printed). Needs a Python with torch, lightning,
-              hydra and transformers (`make bench-torch-published`);
+              hydra and transformers (`make bench-torch MDLM_REPO=PATH` builds .venv-torch);
   ours-torch  benchmarks/torch_mdlm_reference.py: OUR eager PyTorch re-implementation of the
               published network and loss (adaLN, dropout, SUBS with its extra passes), the fallback
               when no checkout is given. It is not the published code.
