@@ -223,11 +223,14 @@ def did_toy():
 
 
 def throughput():
-  path = os.path.join(RESULTS, "train_throughput.txt")
-  if not os.path.exists(path):
-    return
-  print("\n## Training throughput (train_throughput.txt: per-round ratios)")
-  text = open(path).read()
+  for name in sorted(os.listdir(RESULTS)):
+    if name.startswith("train_throughput") and name.endswith(".txt"):
+      _throughput_file(name)
+
+
+def _throughput_file(name):
+  print(f"\n## Training throughput ({name}: per-round ratios)")
+  text = open(os.path.join(RESULTS, name)).read()
   for block in re.split(r"\n(?=\[)", text):
     m = re.match(r"\[(\w+)\]", block)
     if not m:
@@ -237,7 +240,7 @@ def throughput():
       print(f"  [{m.group(1)}] rounds {ratios}: median {statistics.median(ratios):.2f}x, "
             f"range {min(ratios):.2f}..{max(ratios):.2f}x")
     for line in block.splitlines():
-      if "median" in line and "published" in line:
+      if "median" in line and "throughput" in line and "/" in line:
         print("  " + line.strip())
 
 
