@@ -260,6 +260,24 @@ def test_rule2_window_mean_is_inclusive():
   assert sets[1] == set()
 
 
+
+def test_rule2_windows_are_the_blocks_full_windows():
+  """The windows are [s, s + w) for s = 0..Lb-w: the last one ends at the block's end, none runs
+  past it, a block as long as the window is one window, and a window holding one masked slot
+  averages that slot alone."""
+  # Rule 1 takes slot 3; only the last window [3, 6) has D = 1 and mean 0.75.
+  sets, _ = one_pass([0.125, 0.125, 0.125, 0.875, 0.75, 0.75], [1, 2, 3, 4, 5, 6], _rule2_only())
+  assert sets[0] == {3} and sets[1] == {4, 5}
+  # Slots 4, 5 average 0.75 but every full window holding them also holds slot 3 (0.125), so
+  # nothing fires; a window [4, 7) past the block's end would (its missing slot counted as D).
+  sets, _ = one_pass([0.875, 0.125, 0.125, 0.125, 0.75, 0.75], [1, 2, 3, 4, 5, 6], _rule2_only())
+  assert sets[0] == {0} and sets[1] == set()
+  sets, _ = one_pass([0.875, 0.75, 0.75], [1, 2, 3], _rule2_only())  # Lb = w = 3
+  assert sets[0] == {0} and sets[1] == {1, 2}
+  # One masked slot left in the window (slot 0 decoded before, slot 1 by rule 1: D = 2 = u).
+  sets, _ = one_pass([0.125, 0.875, 0.75], [1, 2, 3], _rule2_only(u=2), masked=[False, True, True])
+  assert sets[0] == {1} and sets[1] == {2}
+
 def test_rule3_token_cluster_is_strict_and_run_length_inclusive():
   """Rule 3 needs max c > tau_s (strict) and a run of at least token_cluster_min slots."""
   base = dict(tau=0.9375, window=None, tau_spatial=0.75, temporal_steps=None)

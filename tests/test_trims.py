@@ -85,6 +85,23 @@ def test_buckets_jnp_without_valid_and_on_one_response():
 
 
 
+
+def test_bucket_count_bounds_and_prompt_slots():
+  """K runs over 1..127 (int8 labels), both ends allowed; prompt/padding slots (bucket 0) have
+  mask probability 0 for every k; a random order needs one seed per response."""
+  for K in (1, 127):
+    trims_buckets.check_num_buckets(K)
+  for K in (0, 128, 2.0):
+    with pytest.raises(ValueError, match="K .number of buckets."):
+      trims_buckets.check_num_buckets(K)
+  b = jnp.asarray([0, 1, 2, 3, 0], jnp.int8)
+  for k in range(3):
+    p = np.asarray(trims_masks.trims_mask_probs(b, k, 0.05, 0.95))
+    assert p[0] == 0.0 and p[-1] == 0.0
+    np.testing.assert_allclose(p[1:4], [0.05 if j <= k else 0.95 for j in (1, 2, 3)], rtol=1e-6)
+  with pytest.raises(ValueError):
+    trims_buckets.assign_buckets(np.ones((2, 4)), K=2, order="random", seed=[1, 2, 3])
+
 def test_bits_and_perplexity_of_one_token():
   """The shared likelihood conversions at a count of one token (and of none)."""
   assert metrics_lib.bits_per_token(3.0, 1) == pytest.approx(3.0 / math.log(2.0))
