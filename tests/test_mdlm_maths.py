@@ -85,6 +85,29 @@ def test_o1_uniform_fixed_mask_instance():
     assert float(loss_tok) == pytest.approx(token, rel=1e-6)
 
 
+
+def test_mdlm_loss_aux_normalisations_and_default():
+  """By hand, uniform logits over 4 real tokens (CE = log 4 per masked slot), log-linear w = 1/t:
+  row 0 has 3 valid slots, 2 masked, t = 0.5; row 1 one valid slot, masked, t = 0.25 (its
+  masked padding slot does not count). per_seq = (4 log 4, 4 log 4); the aux sums feed the
+  evaluation's NELBO; "token" (the default) divides by all valid slots, "sequence" per row."""
+  log4 = math.log(4.0)
+  logits = jnp.zeros((2, 3, 5))
+  x0 = jnp.array([[0, 1, 2], [3, 0, 1]])
+  is_masked = jnp.array([[True, False, True], [True, False, True]])
+  valid = jnp.array([[True, True, True], [True, False, False]])
+  t = jnp.array([0.5, 0.25])
+  args = (logits, x0, is_masked, t, SCHED, valid, 4)
+  loss, aux = mdlm.mdlm_loss(*args)
+  assert float(loss) == pytest.approx(2 * log4, rel=1e-6)
+  np.testing.assert_allclose(np.asarray(aux["per_seq"]), [4 * log4, 4 * log4], rtol=1e-6)
+  assert float(aux["nll_sum"]) == pytest.approx(8 * log4, rel=1e-6)
+  assert float(aux["token_count"]) == 4.0 and float(aux["masked_count"]) == 3.0
+  seq, _ = mdlm.mdlm_loss(*args, "sequence")
+  assert float(seq) == pytest.approx((4 * log4 / 3 + 4 * log4) / 2, rel=1e-6)
+  one, _ = mdlm.mdlm_loss(logits[1:], x0[1:], is_masked[1:], t[1:], SCHED, valid[1:], 4, "token")
+  assert float(one) == pytest.approx(4 * log4, rel=1e-6)  # one valid token: divided by 1
+
 @pytest.mark.parametrize("schedule", [schedules.LogLinearSchedule(), schedules.CosineSchedule()])
 def test_o1_uniform_expectation_is_log_v(schedule):
   b, l, v = 4096, 16, 5
