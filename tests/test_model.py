@@ -57,6 +57,28 @@ def test_bidirectional_model_sees_the_future_and_causal_does_not():
     assert changed == (not causal)
 
 
+
+def test_causal_model_at_each_position_is_the_bidirectional_model_on_the_prefix():
+  """One block: a causal transformer's output at position i is what the same weights give,
+  without the causal mask, on the prefix x[:i+1] at its last position: every query sees itself
+  and every earlier key, nothing later. (A mask that left out the diagonal, or let a query see
+  its successor, breaks this at every position. With more blocks the prefix run's earlier
+  positions would see later ones, so the identity holds for one block only.) The eight prefixes
+  run as one batch of the bidirectional model, row i with x[i+1:] in a second segment (so the
+  causal branch of the mask is not used by the reference), same positions: one compile."""
+  cfg = TransformerConfig(vocab_size=11, num_layers=1, d_model=16, num_heads=2,
+                          max_len=8, causal=True)
+  bidir = TransformerConfig(**dict(vars(cfg), causal=False))
+  toks = jnp.array([[3, 1, 4, 1, 5, 9, 2, 6]])
+  n = toks.shape[1]
+  params = jax.jit(Transformer(cfg).init)(jax.random.key(1), toks)
+  out, _ = jax.jit(Transformer(cfg).apply)(params, toks)
+  seg = jnp.where(jnp.arange(n)[None, :] <= jnp.arange(n)[:, None], 1, 2).astype(jnp.int32)
+  ref, _ = jax.jit(Transformer(bidir).apply)(params, jnp.repeat(toks, n, axis=0), segment_ids=seg)
+  for i in range(n):
+    np.testing.assert_allclose(out[0, i], ref[i, i], rtol=2e-5, atol=2e-5, err_msg=f"position {i}")
+
+
 @pytest.mark.parametrize("pos", ["rope", "learned"])
 def test_the_model_knows_where_each_token_is(pos):
   """A bidirectional model without positions would be permutation-equivariant; with RoPE or a

@@ -118,6 +118,11 @@ def test_config_and_flags():
   assert cfg.tau == 0.8 and cfg.token_cluster_on and not cfg.conf_cluster_on
   none = r2.R2Config.from_flags("")
   assert not (none.conf_cluster_on or none.token_cluster_on or none.temporal_on)
+  assert r2.R2Config.from_flags("none") == none == r2.R2Config.from_flags(" none , ")
+  # "all" (what the decoding benchmark runs) turns every rule on, alone or with others.
+  assert r2.R2Config.from_flags("all") == r2.R2Config() == r2.R2Config.from_flags("All,token")
+  assert r2.R2Config.from_flags("all", tau=0.5).tau == 0.5
+  assert r2.R2Config.from_flags("temporal,window") == r2.R2Config(token_cluster=None)
   with pytest.raises(ValueError, match="unknown rule"):
     r2.R2Config.from_flags("conf,bogus")
   with pytest.raises(ValueError, match="tau"):
@@ -220,3 +225,100 @@ def test_tau_mismatch_raises():
   with pytest.raises(ValueError, match="tau"):
     blockwise.decode_threshold(tiny_model(), jnp.ones((1, 2), jnp.int32), 4, 4, 0.8,
                                mask_id=MASK, r2=r2.R2Config(tau=0.9))
+
+
+# -- every threshold rule exactly on its threshold (dyadic values: exact in float32) -------------
+def test_rule1_threshold_is_inclusive():
+  """Rule 1 commits c >= tau: a slot exactly at tau is committed, one just below is not."""
+  cfg = r2.R2Config.none(tau=0.75)
+  sets, _ = one_pass([0.875, 0.75, 0.7421875, 0.5], [1, 2, 3, 4], cfg)
+  assert sets[0] == {0, 1}
+  got = r2.threshold_commit(jnp.ones(4, bool), jnp.asarray([0.875, 0.75, 0.7421875, 0.5]), 0.75)
+  np.testing.assert_array_equal(np.asarray(got), [True, True, False, False])
+  # tau = 1 (the largest allowed) commits only the argmax unless a slot is certain.
+  sets, _ = one_pass([0.875, 1.0, 0.5], [1, 2, 3], r2.R2Config.none(tau=1.0))
+  assert sets[0] == {1}
+
+
+def _rule2_only(tau_s=0.75, u=1):
+  return r2.R2Config(tau=0.9375, window=3, tau_spatial=tau_s, max_unmasked=u,
+                     token_cluster=None, temporal_steps=None)
+
+
+def test_rule2_window_mean_is_inclusive():
+  """Rule 2 marks a window whose masked slots average exactly tau_s (>=), not one just below.
+  Rule 1 takes the argmax slot 1; window [1, 4) then holds D = 1 = u decoded slot and
+  Mw = {2, 3} with mean 0.75."""
+  sets, _ = one_pass([0.125, 0.875, 0.75, 0.75, 0.125, 0.125], [1, 2, 3, 4, 5, 6], _rule2_only())
+  assert sets[0] == {1} and sets[1] == {2, 3}
+  sets, _ = one_pass([0.125, 0.875, 0.75, 0.7421875, 0.125, 0.125], [1, 2, 3, 4, 5, 6],
+                     _rule2_only())
+  assert sets[0] == {1} and sets[1] == set()
+  # Occupancy: D = u is allowed, D = u + 1 is not (u = 0 here, so window [1, 4) is skipped).
+  sets, _ = one_pass([0.125, 0.875, 0.75, 0.75, 0.125, 0.125], [1, 2, 3, 4, 5, 6],
+                     _rule2_only(u=0))
+  assert sets[1] == set()
+
+
+
+def test_rule2_windows_are_the_blocks_full_windows():
+  """The windows are [s, s + w) for s = 0..Lb-w: the last one ends at the block's end, none runs
+  past it, a block as long as the window is one window, and a window holding one masked slot
+  averages that slot alone."""
+  # Rule 1 takes slot 3; only the last window [3, 6) has D = 1 and mean 0.75.
+  sets, _ = one_pass([0.125, 0.125, 0.125, 0.875, 0.75, 0.75], [1, 2, 3, 4, 5, 6], _rule2_only())
+  assert sets[0] == {3} and sets[1] == {4, 5}
+  # Slots 4, 5 average 0.75 but every full window holding them also holds slot 3 (0.125), so
+  # nothing fires; a window [4, 7) past the block's end would (its missing slot counted as D).
+  sets, _ = one_pass([0.875, 0.125, 0.125, 0.125, 0.75, 0.75], [1, 2, 3, 4, 5, 6], _rule2_only())
+  assert sets[0] == {0} and sets[1] == set()
+  sets, _ = one_pass([0.875, 0.75, 0.75], [1, 2, 3], _rule2_only())  # Lb = w = 3
+  assert sets[0] == {0} and sets[1] == {1, 2}
+  # One masked slot left in the window (slot 0 decoded before, slot 1 by rule 1: D = 2 = u).
+  sets, _ = one_pass([0.125, 0.875, 0.75], [1, 2, 3], _rule2_only(u=2), masked=[False, True, True])
+  assert sets[0] == {1} and sets[1] == {2}
+
+def test_rule3_token_cluster_is_strict_and_run_length_inclusive():
+  """Rule 3 needs max c > tau_s (strict) and a run of at least token_cluster_min slots."""
+  base = dict(tau=0.9375, window=None, tau_spatial=0.75, temporal_steps=None)
+  conf = [0.875, 0.75, 0.5, 0.125]
+  yhat = [1, 2, 2, 3]
+  sets, _ = one_pass(conf, yhat, r2.R2Config(**base))
+  assert sets[0] == {0} and sets[2] == set()  # max c = 0.75 = tau_s: not > tau_s
+  sets, _ = one_pass([0.875, 0.7578125, 0.5, 0.125], yhat, r2.R2Config(**base))
+  assert sets[2] == {1}  # just above tau_s: the most confident slot of the run
+  sets, _ = one_pass([0.875, 0.7578125, 0.5, 0.125], yhat,
+                     r2.R2Config(token_cluster_min=3, **base))
+  assert sets[2] == set()  # the run has 2 < 3 slots
+  sets, _ = one_pass([0.875, 0.7578125, 0.5, 0.125], [1, 2, 2, 2],
+                     r2.R2Config(token_cluster_min=3, **base))
+  assert sets[2] == {1}  # 3 slots = the minimum
+
+
+@pytest.mark.parametrize("agg", ["last", "ave", "max"])
+def test_rule4_temporal_is_inclusive_in_count_and_confidence(agg):
+  """Rule 4 commits when count >= k and agg >= tau_t: exactly k passes at exactly tau_t commit,
+  k - 1 passes or a confidence just below do not."""
+  cfg = r2.R2Config(tau=0.9375, window=None, token_cluster=None, temporal_steps=3,
+                    tau_temporal=0.75, temporal_agg=agg)
+  conf, yhat = [0.875, 0.75], [1, 2]
+
+  def tracker(count, c_prev):
+    return r2.Tracker(tok=jnp.array([-1, 2], jnp.int32), count=jnp.array([0, count], jnp.int32),
+                      conf_sum=jnp.array([0.0, c_prev * count], jnp.float32),
+                      conf_max=jnp.array([0.0, c_prev], jnp.float32))
+
+  # Two earlier passes at 0.75, this one at 0.75: count 3 = k, every aggregate = 0.75 = tau_t.
+  sets, tr = one_pass(conf, yhat, cfg, tracker=tracker(2, 0.75))
+  assert sets[0] == {0} and sets[3] == {1}
+  assert int(tr.count[1]) == 0 and int(tr.tok[1]) == -1  # cleared after the commit
+  # Only one earlier pass: count 2 < k.
+  sets, tr = one_pass(conf, yhat, cfg, tracker=tracker(1, 0.75))
+  assert sets[3] == set() and int(tr.count[1]) == 2
+  # Count 3, but the aggregate just below tau_t.
+  low = 0.7421875
+  sets, _ = one_pass([0.875, low], yhat, cfg, tracker=tracker(2, low))
+  assert sets[3] == set()
+  # A changed prediction restarts the streak at 1.
+  sets, tr = one_pass([0.875, 0.75], [1, 3], cfg, tracker=tracker(2, 0.75))
+  assert sets[3] == set() and int(tr.count[1]) == 1 and int(tr.tok[1]) == 3

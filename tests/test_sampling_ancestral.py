@@ -113,6 +113,67 @@ def test_o11_float64_draws():
   assert gumbel_noise(jax.random.PRNGKey(0), (4,)).dtype == jnp.float32  # documented fallback
 
 
+
+def _eqns(jaxpr, out):
+  """Every equation of a jaxpr, sub-jaxprs (loops, conds, jits) included."""
+  for e in jaxpr.eqns:
+    out.append(e)
+    for p in e.params.values():
+      for sub in (p if isinstance(p, (list, tuple)) else [p]):
+        if hasattr(sub, "jaxpr") and hasattr(sub.jaxpr, "eqns"):
+          _eqns(sub.jaxpr, out)
+        elif hasattr(sub, "eqns"):
+          _eqns(sub, out)
+  return out
+
+
+@pytest.mark.parametrize("x64", [True, False])
+def test_o11_the_sampler_draws_in_float64(x64):
+  """The traced ancestral sampler: under x64 every random draw takes 64 random bits and the
+  categorical over the vocabulary is an argmax over float64 scores; without x64 both are 32-bit
+  (the documented fallback)."""
+  v, mask_id = 5, 4
+  fn = constant_model([0.1, 0.2, 0.3, 0.4], mask_id)
+  x0 = jnp.full((2, 3), mask_id, jnp.int32)
+  maskable = jnp.ones((2, 3), bool)
+  with jax.enable_x64(x64):
+    jaxpr = jax.make_jaxpr(lambda k: ancestral.ancestral_sample(fn, k, x0, maskable, mask_id, 4))(
+        jax.random.PRNGKey(0))
+  eqns = _eqns(jaxpr.jaxpr, [])
+  bits = [e for e in eqns if e.primitive.name == "random_bits"]
+  draws = [e for e in eqns if e.primitive.name == "argmax" and e.invars[0].aval.shape[-1] == v]
+  assert bits and draws
+  want_bits, want_dtype = (64, jnp.float64) if x64 else (32, jnp.float32)
+  assert {e.params["bit_width"] for e in bits} == {want_bits}
+  assert any(e.outvars[0].aval.shape[-1] == v for e in bits)  # noise per vocabulary entry
+  assert {e.invars[0].aval.dtype for e in draws} == {jnp.dtype(want_dtype)}
+
+
+def test_o11_float64_gumbel_tail_passes_the_float32_cap():
+  """The float64 noise the sampler draws reaches past the float32 cap (15.94): the largest of
+  2^25 draws with this key is 19.3 (P(max > 15.94) = 1 - exp(-2^25 * 1.2e-7) = 0.98)."""
+  with jax.enable_x64(True):
+    top = jax.jit(lambda k: jnp.max(gumbel_noise(k, (1 << 25,))))(jax.random.PRNGKey(0))
+  assert float(top) > max_gumbel(jnp.float32) + 3.0
+
+
+def test_o11_common_random_numbers_resolve_float64_uniforms():
+  """Inverse-CDF draws from shared uniforms: a token of probability 1e-10 between two equal
+  halves owns u in [0.5 - 5e-11, 0.5 + 5e-11), so u = 0.5 draws it in float64; float32 rounds
+  both CDF steps to 0.5 and draws the next token."""
+  mask_id = 3
+  fn = constant_model([0.5, 1e-10, 0.5 - 1e-10], mask_id)
+  x0 = jnp.full((1, 2), mask_id, jnp.int32)
+  maskable = jnp.ones((1, 2), bool)
+  for x64, want in ((True, [1, 0]), (False, [2, 0])):
+    with jax.enable_x64(x64):
+      dtype = jnp.float64 if x64 else jnp.float32
+      u = jnp.asarray(np.array([[[0.5, 0.25]]]), dtype)  # one step, t = 1 -> 0
+      tokens, _ = ancestral.ancestral_sample(fn, jax.random.PRNGKey(0), x0, maskable, mask_id, 1,
+                                             uniforms=u)
+    np.testing.assert_array_equal(np.asarray(tokens[0]), want, err_msg=f"x64={x64}")
+
+
 def test_scheduled_all_heavy_bit_for_bit_and_switch():
   vocab, mask_id, t_steps = 7, 6, 6
   heavy, light = tiny_model(vocab, 0), tiny_model(vocab, 1)
@@ -187,3 +248,111 @@ def test_bad_inputs_raise():
     scheduled_sampler.scheduled_ancestral_sample(fn, fn, key, jnp.zeros((5,), bool), x, m, 0, 4)
   with pytest.raises(ValueError, match="is_light"):
     scheduled_sampler.scheduled_ancestral_sample(fn, fn, key, parse_schedule("L1,H4"), x, m, 0, 4)
+
+
+# -- token-dependent model: the sampler's output distribution against exact enumeration ---------
+# Tokens 0, 1, 2 and MASK = 3. Slot j of the generated pair sees the other slot's token o (or
+# MASK) through a one-hot feature f_j = e(4 j + o), and the head W maps it to logits: a strong
+# "copy the other slot" preference once it is revealed, and a different, position-dependent
+# distribution while it is masked. Written as features @ head so that a sampler that caches
+# hidden states and projects only some positions can be driven by the same model.
+COPY_MASK = 3
+COPY_HEAD = np.array([
+    [3.0, 0.0, 0.0, 9.0], [0.0, 3.0, 0.0, 9.0], [0.0, 0.0, 3.0, 9.0], [1.0, 0.0, -1.0, 9.0],
+    [2.5, 0.0, 0.0, 9.0], [0.0, 2.5, 0.0, 9.0], [0.0, 0.0, 2.5, 9.0], [-1.0, 0.5, 1.0, 9.0],
+], np.float32)  # [8 features, V = 4]; column 3 (MASK) is ignored by SUBS
+
+
+def copy_features(tokens):
+  """[B, 3] tokens (prompt, slot 1, slot 2) -> [B, 3, 8] one-hot features."""
+  other = jnp.stack([tokens[:, 0], tokens[:, 2], tokens[:, 1]], axis=1)  # slot 1 sees slot 2
+  which = jnp.array([0, 0, 4])[None, :] + other
+  return jax.nn.one_hot(which, 8, dtype=jnp.float32)
+
+
+def copy_model(tokens):
+  return copy_features(tokens) @ jnp.asarray(COPY_HEAD)
+
+
+def exact_pair_distribution(num_steps, t_final=0.0):
+  """P(slot 1, slot 2) after the ancestral chain, by enumerating every state at every step.
+
+  Log-linear schedule: a masked slot is revealed at step t -> s with probability
+  (alpha_s - alpha_t) / (1 - alpha_t) = (t - s) / t, to token v with p(v | current state).
+  """
+  def probs(state):
+    f = np.zeros((2, 8))
+    f[0, state[1]] = 1.0
+    f[1, 4 + state[0]] = 1.0
+    logits = (f @ COPY_HEAD.astype(np.float64))[:, :3]
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    return p / p.sum(-1, keepdims=True)
+
+  dist = {(COPY_MASK, COPY_MASK): 1.0}
+  dt = (1.0 - t_final) / num_steps
+  for i in range(num_steps):
+    t, s = 1.0 - i * dt, 1.0 - (i + 1) * dt
+    reveal = (t - s) / t
+    new = {}
+    for state, pr in dist.items():
+      p = probs(state)
+      options = []
+      for j in range(2):
+        if state[j] == COPY_MASK:
+          options.append([(COPY_MASK, 1.0 - reveal)] + [(v, reveal * p[j, v]) for v in range(3)])
+        else:
+          options.append([(state[j], 1.0)])
+      for a, pa in options[0]:
+        for b, pb in options[1]:
+          new[(a, b)] = new.get((a, b), 0.0) + pr * pa * pb
+    dist = new
+  return dist
+
+
+# Every public way to run the ancestral sampler on a logits closure; a new sampler (e.g. one
+# that caches hidden states) joins this list and must give the same distribution.
+def _ancestral_cached(x0, maskable, key, t_steps, t_final):
+  return ancestral.ancestral_sample(copy_model, key, x0, maskable, COPY_MASK, t_steps,
+                                    t_final=t_final, use_cache=True)[0]
+
+
+def _ancestral_uncached(x0, maskable, key, t_steps, t_final):
+  return ancestral.ancestral_sample(copy_model, key, x0, maskable, COPY_MASK, t_steps,
+                                    t_final=t_final, use_cache=False)[0]
+
+
+def _scheduled_all_heavy(x0, maskable, key, t_steps, t_final):
+  return scheduled_sampler.scheduled_ancestral_sample(
+      copy_model, copy_model, key, jnp.zeros((t_steps,), bool), x0, maskable, COPY_MASK, t_steps,
+      t_final=t_final)[0]
+
+
+ANCESTRAL_SAMPLERS = {"cached": _ancestral_cached, "uncached": _ancestral_uncached,
+                      "scheduled_all_heavy": _scheduled_all_heavy}
+
+
+@pytest.mark.parametrize("name", sorted(ANCESTRAL_SAMPLERS))
+@pytest.mark.parametrize("t_steps,t_final", [(4, 0.0), (3, 0.4)])
+def test_token_dependent_model_matches_exact_enumeration(name, t_steps, t_final):
+  """The joint distribution of two generated slots that read each other equals the exact
+  enumeration of the chain. A sampler that reused stale logits (e.g. the first pass's) after a
+  slot was revealed would copy far less often: P(equal) drops from ~0.8 to ~0.4 here."""
+  batch = 20000
+  exact = exact_pair_distribution(t_steps, t_final)
+  assert sum(exact.values()) == pytest.approx(1.0, abs=1e-12)
+  x0 = jnp.concatenate([jnp.zeros((batch, 1), jnp.int32),
+                        jnp.full((batch, 2), COPY_MASK, jnp.int32)], axis=1)
+  maskable = jnp.broadcast_to(jnp.array([False, True, True]), x0.shape)
+  with jax.enable_x64(True):
+    run = jax.jit(lambda k: ANCESTRAL_SAMPLERS[name](x0, maskable, k, t_steps, t_final))
+    tokens = np.asarray(run(jax.random.PRNGKey(5)))
+  assert (tokens[:, 0] == 0).all()
+  pairs = tokens[:, 1] * 4 + tokens[:, 2]
+  counts = np.bincount(pairs, minlength=16) / batch
+  for (a, b), p in exact.items():
+    se = math.sqrt(max(p * (1 - p), 1e-4) / batch)
+    assert abs(counts[a * 4 + b] - p) < 4.5 * se, (name, (a, b), counts[a * 4 + b], p)
+  # The copy preference is strong: without t_final most pairs agree.
+  if t_final == 0.0:
+    agree = sum(p for (a, b), p in exact.items() if a == b)
+    assert agree > 0.7

@@ -174,6 +174,57 @@ def test_temperature_sampling():
   assert (np.asarray(a.commit_conf) > 0).all()
 
 
+def two_token_model(p_first):
+  """Logits that ignore the tokens: SUBS probability p_first on id 1, 1 - p_first on id 2,
+  (about) nothing elsewhere."""
+  row = np.full((K + 1,), -1e4, np.float32)
+  row[1], row[2] = np.log(p_first), np.log(1.0 - p_first)
+  row[MASK] = 9.0
+  row = jnp.asarray(row)
+  return lambda tokens: jnp.broadcast_to(row, tokens.shape + row.shape)
+
+
+def test_temperature_draws_are_tempered_and_confidence_is_not():
+  """At temperature 0.5, p = (0.75, 0.25) becomes (0.9, 0.1) for the draw, while c (commit
+  decisions, commit_conf) stays the untempered 0.75 / 0.25. With tau = 0.8 a tempered c (0.9)
+  would commit both slots of a block in one pass; the untempered one commits only the top slot,
+  so NFE = G."""
+  fn = two_token_model(0.75)
+  batch, g = 4000, 4
+  prompts = jnp.ones((batch, 1), jnp.int32)
+  with jax.enable_x64(True):
+    res = jax.jit(lambda k: blockwise.decode_threshold(fn, prompts, g, 2, 0.8, mask_id=MASK,
+                                                       temperature=0.5, key=k))(
+        jax.random.PRNGKey(3))
+  tok = np.asarray(res.tokens[:, 1:])
+  conf = np.asarray(res.commit_conf)
+  assert set(np.unique(tok).tolist()) == {1, 2}
+  # Per block of 2: the first pass draws both slots and commits the more confident one, id 1
+  # unless both drew id 2 (1 - 0.1^2 = 0.99); the second pass draws the last slot (0.9).
+  # Untempered draws would give (1 - 0.25^2 + 0.75) / 2 = 0.84375.
+  freq = (tok == 1).mean()
+  assert abs(freq - 0.945) < 4 * np.sqrt(0.945 * 0.055 / tok.size), freq
+  np.testing.assert_allclose(conf[tok == 1], 0.75, rtol=1e-5)
+  np.testing.assert_allclose(conf[tok == 2], 0.25, rtol=1e-5)
+  np.testing.assert_array_equal(np.asarray(res.nfe), g)
+  # Greedy (temperature 0) takes id 1 everywhere, also with c = 0.75 < tau.
+  greedy = blockwise.decode_threshold(fn, prompts[:2], g, 2, 0.8, mask_id=MASK)
+  assert (np.asarray(greedy.tokens[:, 1:]) == 1).all() and (np.asarray(greedy.nfe) == g).all()
+
+
+def test_threshold_tau_is_inclusive_in_the_decoder():
+  """Two equally likely ids give c = 0.5 exactly: at tau = 0.5 every slot of a block commits in
+  one pass (c >= tau); at the next float32 above 0.5 only the top slot does."""
+  fn = two_token_model(0.5)
+  prompts = jnp.ones((2, 1), jnp.int32)
+  at = blockwise.decode_threshold(fn, prompts, 8, 4, 0.5, mask_id=MASK)
+  np.testing.assert_allclose(np.asarray(at.commit_conf), 0.5)
+  np.testing.assert_array_equal(np.asarray(at.nfe), 2)
+  above = blockwise.decode_threshold(fn, prompts, 8, 4, float(np.nextafter(np.float32(0.5), 1)),
+                                     mask_id=MASK)
+  np.testing.assert_array_equal(np.asarray(above.nfe), 8)
+
+
 def test_metrics():
   assert float(tokens_per_forward(jnp.array([8, 8]), jnp.array([4, 12]))) == pytest.approx(1.0)
   assert float(tokens_per_forward(jnp.array([6, 2]), jnp.array([4, 4]))) == pytest.approx(1.0)
@@ -192,3 +243,15 @@ def test_metrics():
     wilson_interval(11, 10)
   with pytest.raises(ValueError, match="0 <= k <= n"):
     wilson_interval(-1, 10)
+
+
+def test_spearman_by_hand():
+  from dlm_jax.metrics import spearman  # pylint: disable=g-import-not-at-top
+  # Two points already have a correlation (+-1); one point or a constant side has none.
+  assert spearman([1, 2], [5, 9]) == pytest.approx(1.0)
+  assert spearman([1, 2], [9, 5]) == pytest.approx(-1.0)
+  assert np.isnan(spearman([1], [2])) and np.isnan(spearman([1, 2, 3], [4, 4, 4]))
+  # Ties take their average rank: x ranks (1, 2.5, 2.5, 4), y ranks (1, 2, 3, 4);
+  # rho = sum(dx dy) / sqrt(sum dx^2 sum dy^2) = 4.5 / sqrt(4.5 * 5) = 0.9486833.
+  assert spearman([1, 3, 3, 7], [10, 20, 30, 40]) == pytest.approx(0.9486833, rel=1e-6)
+  assert spearman([0.5, 0.25, 0.75], [2.0, 1.0, 3.0]) == pytest.approx(1.0)  # floats, not ints

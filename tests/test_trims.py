@@ -48,6 +48,9 @@ def test_bucket_sizes():
   rng = np.random.default_rng(0)
   b = trims_buckets.assign_buckets(rng.random(25), None, K=8)
   np.testing.assert_array_equal(trims_buckets.bucket_sizes(b, 8), (4, 3, 3, 3, 3, 3, 3, 3))
+  # Always K counts, empty buckets included; bucket 0 (never masked) is not counted.
+  np.testing.assert_array_equal(trims_buckets.bucket_sizes([[1, 1, 2, 0], [0, 0, 1, 0]], 4),
+                                (3, 1, 0, 0))
 
 
 def test_buckets_invalid_slots_are_zero_and_ranked_among_valid_only():
@@ -68,6 +71,67 @@ def test_buckets_batched_matches_rows_and_jnp_version():
     np.testing.assert_array_equal(batched, rows)
     np.testing.assert_array_equal(np.asarray(trims_buckets.assign_buckets_jnp(d, valid, K=4, order=order)), batched)
 
+
+
+def test_buckets_jnp_without_valid_and_on_one_response():
+  """valid=None (all valid) and a single [R] response give the host version's labels too."""
+  d = np.array([[0.3, 0.9, 0.1, 0.5, 0.2], [1.0, 2.0, 3.0, 4.0, 5.0]])
+  for order in ("hard_first", "easy_first"):
+    np.testing.assert_array_equal(np.asarray(trims_buckets.assign_buckets_jnp(d, None, K=4, order=order)),
+                                  trims_buckets.assign_buckets(d, None, K=4, order=order))
+    np.testing.assert_array_equal(np.asarray(trims_buckets.assign_buckets_jnp(d[0], None, K=4, order=order)),
+                                  trims_buckets.assign_buckets(d[0], None, K=4, order=order))
+  np.testing.assert_array_equal(np.asarray(trims_buckets.assign_buckets_jnp(d[1], K=4)), [4, 3, 2, 1, 1])
+
+
+
+
+def test_bucket_count_bounds_and_prompt_slots():
+  """K runs over 1..127 (int8 labels), both ends allowed; prompt/padding slots (bucket 0) have
+  mask probability 0 for every k; a random order needs one seed per response."""
+  for K in (1, 127):
+    trims_buckets.check_num_buckets(K)
+  for K in (0, 128, 2.0):
+    with pytest.raises(ValueError, match="K .number of buckets."):
+      trims_buckets.check_num_buckets(K)
+  b = jnp.asarray([0, 1, 2, 3, 0], jnp.int8)
+  for k in range(3):
+    p = np.asarray(trims_masks.trims_mask_probs(b, k, 0.05, 0.95))
+    assert p[0] == 0.0 and p[-1] == 0.0
+    np.testing.assert_allclose(p[1:4], [0.05 if j <= k else 0.95 for j in (1, 2, 3)], rtol=1e-6)
+  with pytest.raises(ValueError):
+    trims_buckets.assign_buckets(np.ones((2, 4)), K=2, order="random", seed=[1, 2, 3])
+
+def test_bits_and_perplexity_of_one_token():
+  """The shared likelihood conversions at a count of one token (and of none)."""
+  assert metrics_lib.bits_per_token(3.0, 1) == pytest.approx(3.0 / math.log(2.0))
+  assert metrics_lib.perplexity_bound(2.0, 1) == pytest.approx(math.exp(2.0))
+  assert metrics_lib.bits_per_token(0.0, 0) == 0.0 and metrics_lib.perplexity_bound(0.0, 0) == 1.0
+  assert metrics_lib.tokens_per_forward(np.array([3, 4]), np.array([1, 1])) == pytest.approx(3.5)
+
+@pytest.mark.parametrize("k_law", ["uniform", "tied_to_t", None])
+def test_trims_mask_returns_the_t_of_its_law(k_law):
+  """k_law="uniform" (the default): k ~ U{0..K-1} and t = the nominal masked fraction of k (what a
+  1/t weighting divides by); "tied_to_t": t ~ U(t_min, 1) and k = k_from_t(t)."""
+  buckets = jnp.asarray(np.tile(np.repeat(np.arange(1, 9), 4), (256, 1)).astype(np.int8))
+  keys = jax.random.split(jax.random.key(5), 256)
+  if k_law is None:
+    _, k, t = trims_masks.trims_mask_batch(keys, buckets)
+  else:
+    _, k, t = trims_masks.trims_mask_batch(keys, buckets, K=8, p_context=0.1, p_future=0.9,
+                                           k_law=k_law, t_min=0.3)
+  k, t = np.asarray(k), np.asarray(t, np.float64)
+  # tied_to_t with t >= 0.3: k = floor(8 (1 - t)) <= 5.
+  assert sorted(set(k.tolist())) == list(range(6 if k_law == "tied_to_t" else 8))
+  if k_law == "tied_to_t":
+    assert t.min() >= 0.3 and t.max() < 1.0
+    np.testing.assert_array_equal(k, np.minimum(7, np.floor((1.0 - t) * 8)))
+  else:
+    pc, pf = (0.05, 0.95) if k_law is None else (0.1, 0.9)
+    np.testing.assert_allclose(t, (pf * (8 - k) + pc * k) / 8, rtol=1e-6)
+  if k_law is None:  # the default t_min of "tied_to_t" keeps t in [1e-3, 1)
+    _, _, t = trims_masks.trims_mask_batch(keys, buckets, k_law="tied_to_t")
+    assert float(jnp.min(t)) >= 1e-3 and float(jnp.max(t)) < 1.0
 
 def test_buckets_random_order_is_seeded_permutation_of_hard_first():
   rng = np.random.default_rng(2)
@@ -327,6 +391,29 @@ def test_aup_oracle(caplog):
   assert trims_metrics.aup([1.0], [50.0], y_max=80) == pytest.approx(50.0)
   with pytest.raises(ValueError):
     trims_metrics.aup([], [], y_max=80)
+  with pytest.raises(ValueError, match="y_max"):
+    trims_metrics.aup([1.0], [0.0], y_max=0.0)
+  assert trims_metrics.aup([1.0, 2.0], [0.5, 0.5], y_max=0.5) == pytest.approx(1.0)  # y_max < 1 is fine
+
+
+
+def test_aup_by_hand_on_its_boundaries(caplog):
+  """A point exactly y_min_offset below y_1 is kept (>=), one further below is dropped; W is
+  capped at 1 above y_max; alpha enters as exp(-alpha (1 - y / y_max))."""
+  # Points (1, 50), (2, 45), (4, 44.5), y_max 50: the last is dropped (44.5 < 45).
+  w45 = math.exp(-3 * (1 - 45 / 50))
+  want = 1 * 50 + (2 - 1) * (45 * w45 + 50) / 2
+  with caplog.at_level(logging.WARNING):
+    assert trims_metrics.aup([1, 2, 4], [50, 45, 44.5], y_max=50) == pytest.approx(want, rel=1e-12)
+  assert "dropping 1 point" in caplog.text
+  # A point above y_max weighs 1, not more: (1, 40), (3, 60), y_max 50.
+  assert trims_metrics.aup([1, 3], [40, 60], y_max=50) == pytest.approx(
+      40 + 2 * (60 + 40 * math.exp(-3 * 0.2)) / 2, rel=1e-12)
+  # alpha = 1 and a wider offset keep and weigh all three points.
+  got = trims_metrics.aup([1, 2, 4], [50, 45, 44.5], y_max=50, alpha=1.0, y_min_offset=6.0)
+  wa = [math.exp(-(1 - y / 50)) for y in (50, 45, 44.5)]
+  assert got == pytest.approx(50 + (45 * wa[1] + 50 * wa[0]) / 2
+                              + 2 * (44.5 * wa[2] + 45 * wa[1]) / 2, rel=1e-12)
 
 
 def test_reveal_rank_correlation():
@@ -337,4 +424,11 @@ def test_reveal_rank_correlation():
   assert trims_metrics.reveal_rank_correlation(rows, bucket) == pytest.approx((1 - 1 + 0.4) / 3)
   assert trims_metrics.reveal_rank_correlation(rows[:1], bucket[:1]) == pytest.approx(1.0)
   assert math.isnan(trims_metrics.reveal_rank_correlation(rows[2:3], bucket[2:3]))
+  # An explicit `valid` replaces bucket > 0: dropping slot 0 of row 3 leaves passes (1, 2, 3)
+  # against buckets (1, 2, 4): +1; keeping slot 4 (bucket 0, pass 9) of row 0 gives
+  # spearman((0,1,2,3,9), (1,2,3,4,0)) = 0.
+  valid = bucket > 0
+  valid[3, 0] = False
+  assert trims_metrics.reveal_rank_correlation(rows[3:], bucket[3:], valid[3:]) == pytest.approx(1.0)
+  assert trims_metrics.reveal_rank_correlation(rows[:1], bucket[:1], np.ones((1, 5), bool)) == pytest.approx(0.0)
   assert metrics_lib.spearman([1, 2, 2, 3], [1, 2, 3, 4]) == pytest.approx(0.9486833, abs=1e-6)
