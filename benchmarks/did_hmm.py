@@ -511,6 +511,55 @@ def timing(args, rounds: int = 3, steps_per_round: int = 100) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# The Bible toy's short samples, explained with the exact length law
+# ---------------------------------------------------------------------------------------------------------------------
+def bible_lengths(args, batches: int = 100) -> dict:
+  """The did_tiny training segments' length law, and the mean final length the spec's sampler reaches with a
+  perfectly calibrated count head at T = 16 ... 128 (capacity 128), next to benchmarks/did_toy.py's measured
+  lengths: what the sampler loses by itself vs what the undertrained head adds."""
+  path = os.path.join(args.out_dir, "did_hmm", "bible_lengths.json")
+  if os.path.exists(path):
+    return _load(path)
+  from configs import did_tiny  # pylint: disable=g-import-not-at-top
+  from dlm_jax.methods.did import lengths as did_lengths  # pylint: disable=g-import-not-at-top
+  from dlm_jax.run import experiment as exp_lib  # pylint: disable=g-import-not-at-top
+  c = did_tiny.get_config()
+  c.data.prefetch = 0
+  tok = exp_lib.make_tokenizer(c)
+  it = exp_lib.make_train_iterator(c, tok)
+  special = np.asarray(sorted({tok.bos_id, tok.pad_id, tok.mask_id, tok.eos_id}))
+  lens = []
+  for _ in range(batches):
+    b = next(it)
+    for row, seg in zip(np.asarray(b["tokens"]), np.asarray(b["segment_ids"])):
+      for sid in np.unique(seg[seg > 0]):
+        lens.append(int((~np.isin(row[seg == sid], special)).sum()))
+  cap = int(c.data.seq_len)
+  prior = np.bincount(np.asarray(lens), minlength=cap + 1)[:cap + 1].astype(np.float64)
+  prior /= prior.sum()
+  k = np.arange(cap + 1)
+  toy = os.path.join(args.out_dir, "did_toy.json")
+  measured = {}
+  if os.path.exists(toy):
+    tab = _load(toy)["table"]
+    measured = {str(r["steps"]): r["mean_len"][0] for r in tab.values() if r["method"] == "did"}
+  out = dict(segments=len(lens), data_mean_len=float((prior * k).sum()), capacity=cap, length_law=prior.tolist(),
+             per_T={})
+  for t_steps in (16, 32, 64, 128, 1024):
+    law = did_lengths.sampler_length_law(prior, t_steps, cap, "variable")[-1]
+    poi = did_lengths.sampler_length_law(prior, t_steps, cap, "poisson")[-1]
+    out["per_T"][str(t_steps)] = dict(calibrated_head_mean_len=float((law * k).sum()),
+                                      calibrated_head_poisson_mean_len=float((poi * k).sum()),
+                                      measured_did_toy_mean_len=measured.get(str(t_steps)))
+    print(f"  Bible T={t_steps}: data {out['data_mean_len']:.1f}, calibrated head + spec sampler "
+          f"{out['per_T'][str(t_steps)]['calibrated_head_mean_len']:.1f}, Poisson leaps "
+          f"{out['per_T'][str(t_steps)]['calibrated_head_poisson_mean_len']:.1f}, did_toy measured "
+          f"{measured.get(str(t_steps))}", flush=True)
+  _dump(path, out)
+  return out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # Report: tables (markdown), JSON and plots from every stored piece
 # ---------------------------------------------------------------------------------------------------------------------
 PAIRS = (("did_fixed", "mdlm_fixed"), ("did_varlen", "mdlm_padded"))
@@ -860,6 +909,8 @@ def main() -> None:
     eval_all(args, args.budget)
   if "timing" in parts:
     timing(args)
+  if "bible" in parts:
+    bible_lengths(args)
   if "report" in parts:
     summ = summarise(args)
     write_report(args, summ)

@@ -181,16 +181,20 @@ def test_length_law_is_the_law_of_the_real_sampler(num_steps, mode):
 
 
 def test_kappa_and_clipping_on_one_gap():
-  """capacity 1, T = 2, one token with constant mass s: P(len 1) = min(1, s/2) + (1 - min(1, s/2)) min(1, s)."""
+  """capacity 1, T = 3, one token of constant mass s in the only gap: step i inserts with probability
+  min(1, kappa_i s), kappa = (1/3, 1/2, 1), and the first insertion fills the buffer, so
+  P(length 1) = 1 - prod_i (1 - min(1, kappa_i s)). (kappa = 1/T on every step but the last, or a
+  no-insert weight left unclipped, moves these by > 4 sd.)"""
   def const(s):
     def fn(tokens, lengths, t):
       b, r = tokens.shape
       return jnp.concatenate([jnp.full((b, r, 1), -jnp.inf), jnp.full((b, r, 1), math.log(s))], axis=-1)
     return fn
   n = 20000
-  for s, want in ((0.5, 0.25 + 0.75 * 0.5), (3.0, 1.0), (0.2, 0.1 + 0.9 * 0.2)):
+  for s in (0.5, 0.2, 3.0):
+    want = 1.0 - np.prod([1.0 - min(1.0, k * s) for k in (1 / 3, 1 / 2, 1.0)])
     with jax.enable_x64(True):
-      _, lens, _, _ = did_sample(const(s), jax.random.key(2), n, 2, 1, bos_id=0)
+      _, lens, _, _ = did_sample(const(s), jax.random.key(2), n, 3, 1, bos_id=0)
     p = float(np.mean(np.asarray(lens)))
     assert p == pytest.approx(want, abs=4 * math.sqrt(want * (1 - want) / n) + 1e-9), s
 
