@@ -322,25 +322,27 @@ def eval_trace(run, arm: str, steps: tuple[int, ...], num_samples: int = 200, se
   method = run.method
   res = {}
   mode = "variable" if arm in VARIABLE else "fixed"
+  records: list = []
+  base = method.score_fn(run.params, MAX_LEN, 0)
+
+  def record(lengths, t, row_mass):
+    records.append((float(np.asarray(t)[0]), np.asarray(lengths) - 1, np.asarray(row_mass)))
+
+  def traced(tokens, lengths, t):  # one function for every T: the sampler loop compiles once
+    s = base(tokens, lengths, t)
+    live = jnp.arange(tokens.shape[1])[None, :] < lengths[:, None]
+    mass = jnp.sum(jnp.where(jnp.isfinite(s), jnp.exp(s), 0.0), axis=-1)
+    jax.debug.callback(record, lengths, t, jnp.where(live, mass, 0.0), ordered=True)
+    return s
+
   with jax.enable_x64(True):
     for t_steps in steps:
-      records = []
-      base = method.score_fn(run.params, MAX_LEN, 0)
-
-      def record(lengths, t, row_mass):
-        records.append((float(np.asarray(t)[0]), np.asarray(lengths) - 1, np.asarray(row_mass)))
-
-      def traced(tokens, lengths, t, base=base, record=record):
-        s = base(tokens, lengths, t)
-        live = jnp.arange(tokens.shape[1])[None, :] < lengths[:, None]
-        mass = jnp.sum(jnp.where(jnp.isfinite(s), jnp.exp(s), 0.0), axis=-1)
-        jax.debug.callback(record, lengths, t, jnp.where(live, mass, 0.0), ordered=True)
-        return s
-
+      records.clear()
       with parallel.sharding_context(run.mesh):
         _, n_out, _, dropped = jax.device_get(did_sample(
             traced, jax.random.key(seed), num_samples, t_steps, MAX_LEN, method.ids.bos, use_cache=False,
             pad_id=method.ids.pad))
+      jax.effects_barrier()
       per_step = []
       for i, (t, m, mass) in enumerate(records):
         kappa = 1.0 / (t_steps - i)
@@ -375,10 +377,12 @@ def eval_checkpoint(args, budget: int, arm: str, seed: int, step: int) -> dict |
              command=" ".join(["python", "benchmarks/did_hmm.py"] + sys.argv[1:]))
   res["nelbo"] = eval_nelbo(run, arm, args.num_heldout)
   print(f"    NELBO {res['nelbo']['nelbo']:.4f} nats/token", flush=True)
-  res["generation"] = eval_generation(run, arm, args.num_samples, SAMPLING_STEPS, timed=step == budget)
-  if arm.startswith("did"):
+  # Wall time per sample comes from `--parts=timing` (side by side); here each T is sampled once.
+  res["generation"] = eval_generation(run, arm, args.num_samples, SAMPLING_STEPS, timed=False)
+  if arm == "did_varlen":  # the seqnorm head's mass is n - m by construction (tests/test_did_hmm.py)
     res["calibration"] = eval_calibration(run, arm, args.num_heldout)
-    if step == budget:  # the traced sampler compiles once per T (host callbacks): final checkpoints only
+  if arm.startswith("did"):
+    if step == budget:  # step-by-step traces of the final checkpoints only
       res["trace"] = eval_trace(run, arm, SAMPLING_STEPS)
   res["eval_sec"] = time.perf_counter() - t0
   _dump(path, res)
@@ -389,7 +393,11 @@ def data_reference(args) -> dict:
   """The data's own values of the generation metrics (500 fresh sequences per length law)."""
   path = os.path.join(args.out_dir, "did_hmm", "data_reference.json")
   if os.path.exists(path):
-    return _load(path)
+    out = _load(path)
+    if "prefix_entropy" not in out:
+      out["prefix_entropy"] = _prefix_entropy()
+      _dump(path, out)
+    return out
   from dlm_jax.data.tasks import hmm as hmm_task  # pylint: disable=g-import-not-at-top
   from dlm_jax.data.tasks.common import seed_of  # pylint: disable=g-import-not-at-top
   from dlm_jax.evaluation import exact  # pylint: disable=g-import-not-at-top
@@ -408,8 +416,18 @@ def data_reference(args) -> dict:
   xf = hmm_task.HMM16().sample(seed_of(HELDOUT_SEED, "prefix"), 20_000, MAX_LEN)
   out["prefix_nll"] = [0.0] + [float(-evaluator.log_prob(xf, np.full(len(xf), k)).mean()) for k in
                                range(1, MAX_LEN + 1)]
+  out["prefix_entropy"] = _prefix_entropy()
   _dump(path, out)
   return out
+
+
+def _prefix_entropy(num: int = 4000) -> list[float]:
+  """Mean per-sample unigram entropy of data sequences of length k = 0..32 (k-prefixes of HMM-16 rows)."""
+  from dlm_jax.data.tasks import hmm as hmm_task  # pylint: disable=g-import-not-at-top
+  from dlm_jax.data.tasks.common import seed_of  # pylint: disable=g-import-not-at-top
+  from dlm_jax.evaluation.gen_ppl import unigram_entropy  # pylint: disable=g-import-not-at-top
+  x = hmm_task.HMM16().sample(seed_of(HELDOUT_SEED, "prefix_entropy"), num, MAX_LEN)
+  return [0.0] + [float(np.mean([unigram_entropy(r[:k]) for r in x])) for k in range(1, MAX_LEN + 1)]
 
 
 def eval_all(args, budget: int) -> None:
@@ -458,13 +476,14 @@ def timing(args, rounds: int = 3, steps_per_round: int = 100) -> dict:
     setups[arm] = s
   for _ in range(rounds):
     for arm, s in setups.items():
-      t0 = time.perf_counter()
+      t0, c0 = time.perf_counter(), time.process_time()
       state = s["state"]
       for i in range(steps_per_round):
         state, m = s["step"](state, s["batches"][i % 8], s["key"])
       jax.block_until_ready(m)
       s["state"] = state
       s["rounds"].append(1e3 * (time.perf_counter() - t0) / steps_per_round)
+      s.setdefault("cpu_rounds", []).append(1e3 * (time.process_time() - c0) / steps_per_round)
       if "dp_fn" in s:
         t0 = time.perf_counter()
         for i in range(steps_per_round):
@@ -473,7 +492,8 @@ def timing(args, rounds: int = 3, steps_per_round: int = 100) -> dict:
         s["dp_rounds"].append(1e3 * (time.perf_counter() - t0) / steps_per_round)
   res: dict[str, Any] = dict(arms={}, sampling={})
   for arm, s in setups.items():
-    r = dict(ms_per_step=float(np.median(s["rounds"])), rounds=s["rounds"], compile_sec=s["compile_sec"])
+    r = dict(ms_per_step=float(np.median(s["rounds"])), rounds=s["rounds"], compile_sec=s["compile_sec"],
+             cpu_ms_per_step=float(np.median(s["cpu_rounds"])), cpu_rounds=s["cpu_rounds"])
     if "dp_rounds" in s:
       r.update(dp_ms=float(np.median(s["dp_rounds"])), dp_rounds=s["dp_rounds"])
       r["dp_share"] = r["dp_ms"] / r["ms_per_step"]
@@ -503,7 +523,8 @@ def timing(args, rounds: int = 3, steps_per_round: int = 100) -> dict:
   res["projected_training_min_3x3000"] = 3 * 3000 * sums / 6e4
   _dump(os.path.join(args.out_dir, "did_hmm", "timing.json"), res)
   for arm, r in res["arms"].items():
-    print(f"  {arm:12s} {r['ms_per_step']:7.1f} ms/step  rounds {['%.1f' % x for x in r['rounds']]}"
+    print(f"  {arm:12s} {r['ms_per_step']:7.1f} ms/step  rounds {['%.1f' % x for x in r['rounds']]}  "
+          f"CPU {r['cpu_ms_per_step']:.1f} ms/step"
           + (f"  DP {r['dp_ms']:.2f} ms ({100 * r['dp_share']:.0f}%)" if "dp_ms" in r else ""), flush=True)
   print(f"  projected training of `make did-hmm` (3 seeds x 3,000 steps, 4 arms): "
         f"{res['projected_training_min_3x3000']:.1f} min + start-up; {res['note']}", flush=True)
@@ -608,6 +629,15 @@ def _excess(rep: dict, prefix_nll: list[float]) -> float:
   return rep["nll_per_token"] - ref
 
 
+def _entropy_gap(rep: dict, prefix_entropy: list[float]) -> float:
+  """Mean per-sample unigram entropy minus the data's at the sample's own lengths (sample-weighted)."""
+  hist = np.asarray(rep["len_hist"], np.float64)
+  k = np.arange(hist.size)
+  ok = k < len(prefix_entropy)
+  ref = (hist[ok] * np.asarray(prefix_entropy)[k[ok]]).sum() / max(hist[ok].sum(), 1)
+  return rep["unigram_entropy"] - ref
+
+
 def summarise(args) -> dict:
   from dlm_jax import metrics  # pylint: disable=g-import-not-at-top
   evals, trains = _collect(args)
@@ -626,13 +656,14 @@ def summarise(args) -> dict:
         a["gen"][str(t_steps)] = dict(
             nll=[x["nll_per_token"] for x in g], nll_mean=[x["nll_per_token_mean"] for x in g],
             excess=[_excess(x, pre) for x in g], entropy=[x["unigram_entropy"] for x in g],
+            entropy_gap=[_entropy_gap(x, ref["prefix_entropy"]) for x in g],
             mean_len=[x["mean_len"] for x in g], tv=[x.get("length_tv") for x in g],
             outside=[x.get("outside_support") for x in g], nfe=[x["nfe"] for x in g],
             ms_per_sample=[x["ms_per_sample"] for x in g], holes=[x.get("holes") for x in g],
             unscorable=[x["unscorable"] for x in g])
-      if arm.startswith("did"):
+      if all("calibration" in r for r in rs):
         a["calibration"] = [r["calibration"]["grid"] for r in rs]
-        if all("trace" in r for r in rs):
+      if all("trace" in r for r in rs):
           a["trace"] = [r["trace"] for r in rs]
       ck["arms"][arm] = a
     out["checkpoints"].append(ck)
@@ -645,6 +676,7 @@ def summarise(args) -> dict:
         gx, gy = x["gen"][str(t_steps)], y["gen"][str(t_steps)]
         rows.append(("gen NLL", t_steps, gx["nll"], gy["nll"]))
         rows.append(("excess NLL", t_steps, gx["excess"], gy["excess"]))
+        rows.append(("entropy gap", t_steps, gx["entropy_gap"], gy["entropy_gap"]))
         if did == "did_varlen":
           rows.append(("length TV", t_steps, gx["tv"], gy["tv"]))
         if all(v is not None for v in gx["ms_per_sample"] + gy["ms_per_sample"]):
@@ -668,6 +700,13 @@ def summarise(args) -> dict:
   return out
 
 
+def _data_nll(ref: dict, variable: bool) -> float:
+  """The data's NLL per token under the evaluator (from the 20,000-sequence prefix table)."""
+  pre = np.asarray(ref["prefix_nll"])
+  k = np.arange(MIN_LEN, MAX_LEN + 1) if variable else np.array([MAX_LEN])
+  return float(pre[k].sum() / k.sum())
+
+
 def write_report(args, summ: dict) -> None:
   ref = summ["data_reference"]
   L = ["# DID vs MDLM on HMM-16 (exact likelihood)", "",
@@ -675,9 +714,9 @@ def write_report(args, summ: dict) -> None:
        "is mean ± sd over training seeds (each seed: its own initialisation and data stream); intervals are 95% "
        "Welch t-intervals of DID − MDLM over seeds; \"not resolved\" = the interval covers 0. NLL is nats/token "
        "under the smoothed HMM (delta 1e-3); \"excess\" subtracts the data's NLL at the sample's own lengths.", "",
-       f"Data references (500 sequences): fixed NLL {ref['fixed']['nll_per_token']:.4f}, entropy "
-       f"{ref['fixed']['unigram_entropy']:.3f}; variable NLL {ref['variable']['nll_per_token']:.4f}, entropy "
-       f"{ref['variable']['unigram_entropy']:.3f}, length TV of a 500-sample histogram of U{{8..32}} itself "
+       f"Data references (20,000 sequences): NLL {_data_nll(ref, False):.4f} (fixed), {_data_nll(ref, True):.4f} "
+       f"(variable); mean per-sample unigram entropy (500 sequences) {ref['fixed']['unigram_entropy']:.3f} (fixed), "
+       f"{ref['variable']['unigram_entropy']:.3f} (variable); length TV of a 500-sample histogram of U{{8..32}} itself "
        f"{ref['variable']['length_tv']:.3f} (expected {ref['variable']['expected_tv_of_a_uniform_sample']:.3f}). "
        f"Exact entropy: {ENTROPY_FIXED} (fixed), {ENTROPY_VARLEN} (variable; Monte Carlo here "
        f"{ref['variable']['entropy_mc']['value']:.4f} over 100k sequences).", ""]
@@ -691,11 +730,12 @@ def write_report(args, summ: dict) -> None:
                f"{_fmt([x - ent for x in a['nelbo']])} | "
                + " | ".join(_fmt(a["gen"][str(t)]["nll"]) for t in SAMPLING_STEPS) + " |")
     L += ["", "| arm | " + " | ".join(f"excess T={t}" for t in SAMPLING_STEPS) + " | "
-          + " | ".join(f"entropy T={t}" for t in SAMPLING_STEPS) + " |",
+          + " | ".join(f"entropy T={t} (gap)" for t in SAMPLING_STEPS) + " |",
           "|---|" + "---|" * (2 * len(SAMPLING_STEPS))]
     for arm, a in ck["arms"].items():
       L.append(f"| {LABEL[arm]} | " + " | ".join(_fmt(a["gen"][str(t)]["excess"]) for t in SAMPLING_STEPS)
-               + " | " + " | ".join(_fmt(a["gen"][str(t)]["entropy"]) for t in SAMPLING_STEPS) + " |")
+               + " | " + " | ".join(f"{_fmt(a['gen'][str(t)]['entropy'])} ({np.mean(a['gen'][str(t)]['entropy_gap']):+.3f})"
+                                    for t in SAMPLING_STEPS) + " |")
     L += ["", "| arm | " + " | ".join(f"length T={t}" for t in SAMPLING_STEPS) + " | "
           + " | ".join(f"length TV T={t}" for t in SAMPLING_STEPS) + " | NFE T=32 | ms/sample T=4 / 32 |",
           "|---|" + "---|" * (2 * len(SAMPLING_STEPS) + 2)]
@@ -729,10 +769,11 @@ def write_report(args, summ: dict) -> None:
   if summ["timing"]:
     tm = summ["timing"]
     L += ["## Side-by-side timing (`--parts=timing`)", "", f"{tm.get('note', '')}", "",
-          "| arm | train ms/step (median of rounds) | rounds | DP ms per step | DP share of the step |",
-          "|---|---|---|---|---|"]
+          "| arm | train ms/step (median of rounds) | rounds | CPU ms/step (all threads) | DP ms per step | "
+          "DP share of the step |", "|---|---|---|---|---|---|"]
     for arm, r in tm["arms"].items():
       L.append(f"| {LABEL[arm]} | {r['ms_per_step']:.1f} | {', '.join(f'{x:.1f}' for x in r['rounds'])} | "
+               f"{r.get('cpu_ms_per_step', float('nan')):.1f} | "
                + (f"{r['dp_ms']:.2f} | {100 * r['dp_share']:.0f}% |" if r.get("dp_ms") else "- | - |"))
     if tm.get("sampling"):
       L += ["", "| arm | T | ms/sample (median of rounds) |", "|---|---|---|"]
@@ -767,8 +808,7 @@ def make_plots(args, summ: dict) -> None:
         ys = np.asarray([g[str(t)]["nll"] for t in SAMPLING_STEPS], np.float64)
         ax.errorbar(SAMPLING_STEPS, ys.mean(1), yerr=ys.std(1, ddof=1) if ys.shape[1] > 1 else None,
                     marker="o", capsize=3, color=colors[arm], label=f"{LABEL[arm]} ({ys.shape[1]} seeds)")
-      key = "fixed" if i == 0 else "variable"
-      ax.axhline(ref[key]["nll_per_token"], ls="--", color="gray", lw=1, label="data")
+      ax.axhline(_data_nll(ref, i == 1), ls="--", color="gray", lw=1, label="data")
       ax.set_xscale("log", base=2)
       ax.set_xticks(SAMPLING_STEPS, [str(t) for t in SAMPLING_STEPS])
       ax.set_title(f"{group}\n{ck['label']}", fontsize=9)
