@@ -788,9 +788,8 @@ def write_report(args, summ: dict) -> None:
 
 
 def make_plots(args, summ: dict) -> None:
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  from dlm_jax import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
+  plt = metrics_lib.pyplot()  # names the [plots] extra when matplotlib is missing
   cks = summ["checkpoints"]
   if not cks:
     return
