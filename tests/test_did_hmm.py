@@ -191,7 +191,7 @@ def test_kappa_and_clipping_on_one_gap():
       return jnp.concatenate([jnp.full((b, r, 1), -jnp.inf), jnp.full((b, r, 1), math.log(s))], axis=-1)
     return fn
   n = 20000
-  for s in (0.5, 0.2, 3.0):
+  for s in (0.5, 0.2, 3.0, 4.5):  # 4.5: kappa_1 s = 1.5, the clipped case
     want = 1.0 - np.prod([1.0 - min(1.0, k * s) for k in (1 / 3, 1 / 2, 1.0)])
     with jax.enable_x64(True):
       _, lens, _, _ = did_sample(const(s), jax.random.key(2), n, 3, 1, bos_id=0)
