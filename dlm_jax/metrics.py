@@ -334,6 +334,41 @@ class Progress:
       print(self.line(step, metrics, rates), file=self.stream, flush=True)
 
 
+def t_interval(xs, level: float = 0.95) -> tuple[float, float, float]:
+  """(mean, lower, upper): Student-t interval of the mean of a few independent values (e.g. seeds).
+
+  One value gives (x, nan, nan): no spread, no interval.
+  """
+  from scipy import stats  # pylint: disable=g-import-not-at-top  (scipy comes with jax)
+  xs = np.asarray(xs, np.float64).ravel()
+  if xs.size == 0:
+    raise ValueError("t_interval: no values")
+  m = float(xs.mean())
+  if xs.size < 2:
+    return m, float("nan"), float("nan")
+  half = float(stats.t.ppf(0.5 + level / 2, xs.size - 1)) * float(xs.std(ddof=1)) / math.sqrt(xs.size)
+  return m, m - half, m + half
+
+
+def welch_interval(xs, ys, level: float = 0.95) -> tuple[float, float, float]:
+  """(diff, lower, upper): mean(xs) - mean(ys) with a Welch t-interval (unequal variances, independent runs).
+
+  Fewer than 2 values on a side: (diff, nan, nan). Zero spread on both sides: a zero-width interval.
+  """
+  from scipy import stats  # pylint: disable=g-import-not-at-top
+  xs, ys = np.asarray(xs, np.float64).ravel(), np.asarray(ys, np.float64).ravel()
+  d = float(xs.mean() - ys.mean())
+  if xs.size < 2 or ys.size < 2:
+    return d, float("nan"), float("nan")
+  vx, vy = xs.var(ddof=1) / xs.size, ys.var(ddof=1) / ys.size
+  se = math.sqrt(vx + vy)
+  if se == 0.0:
+    return d, d, d
+  df = (vx + vy) ** 2 / (vx ** 2 / (xs.size - 1) + vy ** 2 / (ys.size - 1))
+  half = float(stats.t.ppf(0.5 + level / 2, df)) * se
+  return d, d - half, d + half
+
+
 class MissingExtraError(ImportError):
   """An optional dependency is not installed; the message names the extra that installs it."""
 

@@ -373,7 +373,7 @@ def test_data_source_registry(tmp_path):
   from configs import mdlm_tiny  # pylint: disable=g-import-not-at-top
   from dlm_jax.config import ConfigError  # pylint: disable=g-import-not-at-top
   from dlm_jax.data import sources as registry  # pylint: disable=g-import-not-at-top
-  assert set(registry.names()) == {"bible", "text", "tfds", "arith", "hmm", "sft"}
+  assert set(registry.names()) == {"bible", "text", "tfds", "arith", "hmm", "hmm_varlen", "sft"}
   with pytest.raises(ConfigError, match=r"config.data.source='wikipedia' is not one of"):
     registry.get("wikipedia")
   cfg = mdlm_tiny.get_config()

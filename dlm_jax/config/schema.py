@@ -30,7 +30,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.seed = 0
 
   c.data = ml_collections.ConfigDict()
-  c.data.source = "bible"    # a registered data source: bible | text | tfds | arith | hmm | sft
+  c.data.source = "bible"    # a registered data source: bible | text | tfds | arith | hmm | hmm_varlen | sft
   c.data.path = ""           # text: .txt / .jsonl file or folder; sft: .jsonl or scored .npz
   c.data.tfds_name = ""      # tfds: e.g. "lm1b" or "openwebtext_local"
   c.data.tfds_data_dir = ""  # tfds: where the prepared ArrayRecord files are
@@ -42,6 +42,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.packing = "pack"    # pack (segment ids) | pad (one document per row)
   c.data.shuffle = True
   c.data.prefetch = 2        # batches prepared ahead on a host thread
+  c.data.min_len = 8         # hmm_varlen: document lengths are U{min_len .. seq_len - 1}
+  c.data.pad_as_token = False  # hmm_varlen: padding = PAD tokens the model masks and predicts
+                               # (RADD-style masked baseline) instead of slots outside the document
 
   c.model = ml_collections.ConfigDict()
   c.model.num_layers = 4

@@ -4,7 +4,8 @@
   text    a .txt / .jsonl file or a folder of them (config.data.path)
   tfds    a TFDS dataset prepared as ArrayRecord (config.data.tfds_name, tfds_data_dir)
   arith   ARITH-CHAIN, generated (or a scored SFT set of it at config.data.path)
-  hmm     HMM-16, generated
+  hmm     HMM-16, generated (fixed length)
+  hmm_varlen  HMM-16 with lengths U{data.min_len .. seq_len - 1} (data.pad_as_token: PAD predicted or not)
   sft     prompt/response pairs: a .jsonl or a scored .npz (config.data.path)
 
 A new source (a corpus or a synthetic task) is one module building a `DataSource` plus one line in
@@ -42,6 +43,7 @@ _SOURCES: tuple[DataSource, ...] = (
         config.data.tfds_name, split, config.data.tfds_data_dir or None), check=_check_tfds),
     arith.SOURCE,
     hmm.SOURCE,
+    hmm.VARLEN_SOURCE,
     sft.SOURCE,
 )
 REGISTRY: dict[str, DataSource] = {s.name: s for s in _SOURCES}

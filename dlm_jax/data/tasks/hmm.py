@@ -1,6 +1,13 @@
 """HMM-16 (spec/decoding.md): 8 hidden states, 16 symbols; exact log-likelihood by the forward algorithm
 (float64). `HMM16VarLen` (spec/did.md): length n ~ U{8..32}, then HMM-16 for n steps; log p includes
-log(1/25). Host-side numpy, deterministic from its seed. Registered as the data source 'hmm'.
+log(1/25). Host-side numpy, deterministic from its seed. Registered as two data sources:
+
+  hmm         rows [BOS] + 32 symbols (data.seq_len = 33), every slot one segment.
+  hmm_varlen  rows [BOS] + n symbols, n ~ U{data.min_len .. data.seq_len - 1}, then padding. With
+              data.pad_as_token=False (DID) the padding is outside the document (segment id 0, never
+              noised or scored); with True (the RADD-style masked baseline) the padding is PAD tokens
+              inside the segment, masked and predicted like any symbol, and a sample's length is the
+              position of its first PAD.
 """
 
 from __future__ import annotations
@@ -11,7 +18,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from dlm_jax.data.base import DataSource
+from dlm_jax.data.base import DataSource, require
 from dlm_jax.data.tasks.common import TaskIterator, TaskTokenizer, seed_of
 
 HMM_NUM_SYMBOLS = 16
@@ -218,3 +225,49 @@ SOURCE = DataSource(
                                                  None),
     eval_iterator=lambda config, tok, bs: _iterator(config, "validation", bs,
                                                     config.train.eval_batches))
+
+
+def varlen_rows(x: np.ndarray, lengths: np.ndarray, pad_as_token: bool) -> dict[str, np.ndarray]:
+  """Model rows [BOS] + x of variable-length symbols x [B, L] (padded with HMM_PAD past `lengths`).
+
+  pad_as_token=False: segment id 1 on BOS and the n symbols, 0 on the padding (positions 0 there);
+  True: one segment over the whole row, the PAD slots are tokens like any other.
+  """
+  b, length = x.shape
+  tokens = np.concatenate([np.full((b, 1), HMM_BOS), x], axis=1).astype(np.int32)
+  pos = np.broadcast_to(np.arange(length + 1, dtype=np.int32), tokens.shape)
+  if pad_as_token:
+    seg = np.ones_like(tokens)
+  else:
+    seg = (np.arange(length + 1)[None, :] <= np.asarray(lengths)[:, None]).astype(np.int32)
+  return dict(tokens=tokens, segment_ids=seg, positions=np.where(seg > 0, pos, 0).astype(np.int32))
+
+
+def _varlen_source_of(config: Any) -> HMM16VarLen:
+  return HMM16VarLen(min_len=int(config.data.min_len), max_len=int(config.data.seq_len) - 1)
+
+
+def _varlen_iterator(config: Any, split: str, batch_size: int, num_batches: Optional[int]):
+  source = _varlen_source_of(config)
+  pad_as_token = bool(config.data.pad_as_token)
+
+  def make(i):
+    x, lengths = source.sample(seed_of(config.seed, "hmm_varlen", split, i), batch_size)
+    return varlen_rows(x, lengths, pad_as_token)
+  return TaskIterator(make, batch_size, num_batches)
+
+
+def _check_varlen(config: Any) -> None:
+  d = config.data
+  require(1 <= d.min_len <= d.seq_len - 1, "data.min_len",
+          f"{d.min_len} must lie in 1..data.seq_len - 1 = {d.seq_len - 1} for data.source="
+          "'hmm_varlen' (lengths are U{min_len .. seq_len - 1}; BOS takes one slot).")
+
+
+VARLEN_SOURCE = DataSource(
+    "hmm_varlen", make_tokenizer=lambda config: hmm_tokenizer(),
+    train_iterator=lambda config, tok: _varlen_iterator(config, "train", config.train.global_batch_size,
+                                                        None),
+    eval_iterator=lambda config, tok, bs: _varlen_iterator(config, "validation", bs,
+                                                           config.train.eval_batches),
+    check=_check_varlen)

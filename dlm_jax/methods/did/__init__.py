@@ -7,6 +7,7 @@
   packing.py  survivors of two rows packed into one model row, antithetic times
   method.py   the `DID` method (train loss, NELBO, score function)
   sampler.py  the "did" decoder: tau-leaping insertions
+  lengths.py  the sampler's exact length law under a calibrated count head (analysis, numpy)
   oracles.py  brute-force counts and targets (tests)
 """
 

@@ -197,6 +197,25 @@ class DID(Method):
     nll, cnt = jax.lax.map(one_draw, jnp.arange(num_t))
     return dict(nll_sum=jnp.sum(nll) / num_t, token_count=cnt[0])
 
+  def insertion_mass(self, params, batch, key, t: Array) -> dict[str, Array]:
+    """The count head's calibration data: predicted total insertion mass against the true n - m.
+
+    Each row of `batch` (one document per row, as in evaluation) is noised at its own time t [B]; the
+    prediction is sum_{r <= m, v} exp(out[r, v]) of the model's scores on [BOS] + x_t. A calibrated head
+    matches E[n - m | x_t, t] on average (the seqnorm head matches n - m by construction).
+
+    Returns:
+      pred [B] predicted mass, missing [B] true n - m, n [B] clean length, m [B] survivors (float32).
+    """
+    self._check_batch(batch)
+    model = self.corrupt(batch, key, self.eval_layout, t=jnp.asarray(t, jnp.float32))
+    out = self.scores(params, model)
+    row_valid = (model["segment_ids"] > 0)[:, :, None]
+    pred = jnp.sum(jnp.where(row_valid & jnp.isfinite(out), jnp.exp(out), 0.0), axis=(1, 2))
+    n = model["n_tokens"].astype(jnp.float32)
+    m = model["kept"].astype(jnp.float32)
+    return dict(pred=pred, missing=n - m, n=n, m=m)
+
   # -- sampling --------------------------------------------------------------------------------
   def _capacity(self, s: ml_collections.ConfigDict, prompt_len: int) -> int:
     cap = int(s.capacity) or (prompt_len + int(s.gen_len) if s.gen_len else self.config.data.seq_len)
