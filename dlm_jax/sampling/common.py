@@ -51,6 +51,75 @@ class DecodeResult:
   commit_rule: jax.Array
 
 
+@flax.struct.dataclass
+class MaskedLayout:
+  """Where a masked decoder generates, per row: prompts, infilling, rows of different lengths.
+
+  Attributes:
+    tokens: [B, L] int32, the given tokens, `mask_id` at the slots to generate (and anything
+      at padding).
+    fill: [B, L] bool, slots to generate; every other slot is never changed.
+    valid: [B, L] bool, real slots; False marks right padding, which no real slot attends to.
+    gen_pos: [B, G] int32, the fill slots of each row in position order (what blockwise
+      decoders split into blocks of `block_len`), L past a row's last one.
+    gen_ok: [B, G] bool, False past a row's last fill slot.
+  """
+  tokens: jax.Array
+  fill: jax.Array
+  valid: jax.Array
+  gen_pos: jax.Array
+  gen_ok: jax.Array
+
+  @property
+  def gen_len(self) -> int:
+    return int(self.gen_pos.shape[1])
+
+
+def masked_layout(tokens: np.ndarray, fill: np.ndarray, valid: np.ndarray | None,
+                  mask_id: int, block_len: int = 1) -> MaskedLayout:
+  """A `MaskedLayout` (host arrays) from given tokens and fill slots.
+
+  The fill slots of each row are listed in position order and the list is padded to a common
+  length G, a multiple of `block_len` (so a row's last block may hold fewer slots).
+
+  Args:
+    tokens: [B, L] int; values at fill slots are replaced by mask_id.
+    fill: [B, L] bool slots to generate.
+    valid: [B, L] bool real slots, or None (all real); fill slots must be valid.
+    mask_id: id of [MASK].
+    block_len: blocks of the blockwise decoders (1 for ancestral).
+  """
+  tokens = np.asarray(tokens, np.int32)
+  fill = np.asarray(fill, bool)
+  b, length = tokens.shape
+  valid = np.ones((b, length), bool) if valid is None else np.asarray(valid, bool)
+  if fill.shape != tokens.shape or valid.shape != tokens.shape:
+    raise ValueError(f"tokens {tokens.shape}, fill {fill.shape} and valid {valid.shape} must "
+                     "have one shape [B, L].")
+  if np.any(fill & ~valid):
+    raise ValueError("fill slots must be valid (not padding).")
+  counts = fill.sum(axis=1)
+  g = max(int(counts.max(initial=0)), 1)
+  g = -(-g // int(block_len)) * int(block_len)
+  gen_pos = np.full((b, g), length, np.int32)
+  for i in range(b):
+    where = np.nonzero(fill[i])[0]
+    gen_pos[i, :len(where)] = where
+  gen_ok = np.arange(g)[None, :] < counts[:, None]
+  return MaskedLayout(tokens=np.where(fill, mask_id, tokens).astype(np.int32), fill=fill,
+                      valid=valid, gen_pos=gen_pos, gen_ok=gen_ok)
+
+
+def prefix_layout(prompt: np.ndarray, gen_len: int, mask_id: int,
+                  block_len: int = 1) -> MaskedLayout:
+  """The layout of a prefix prompt [B, P] followed by gen_len slots to generate."""
+  prompt = np.asarray(prompt, np.int32)
+  b, p = prompt.shape
+  tokens = np.concatenate([prompt, np.full((b, gen_len), mask_id, np.int32)], axis=1)
+  fill = np.broadcast_to(np.arange(p + gen_len) >= p, tokens.shape)
+  return masked_layout(tokens, fill, None, mask_id, block_len)
+
+
 def sampling_dtype() -> jnp.dtype:
   """float64 when `jax_enable_x64` is on, else float32 (the documented fallback)."""
   return jnp.dtype(jnp.float64) if jax.config.jax_enable_x64 else jnp.dtype(jnp.float32)
