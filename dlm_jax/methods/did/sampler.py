@@ -203,26 +203,26 @@ class GapLayout:
   Attributes:
     tokens: [B, C+1] int32, BOS then the given tokens (anything past `lengths`).
     lengths: [B] int32 given tokens plus BOS.
-    open_after: [B, C+1] bool, whether the gap right after token r may receive insertions.
+    open_after: [B, C+1] int32, the span id of the gap right after token r (> 0: open to
+      insertions; 0: closed). Tokens inserted in span k carry k, so the gaps around them stay open.
   """
   tokens: Array
   lengths: Array
   open_after: Array
 
 
-def gap_layout(rows: list[tuple[list[int], list[bool]]], capacity: int, bos_id: int) -> GapLayout:
-  """A host `GapLayout` from per-row (given token ids, open flags): open[j] = the gap after the
-  j-th given token is open; open may hold one more entry, for the gap right after BOS, first.
+def gap_layout(rows: list[tuple[list[int], list[int]]], capacity: int, bos_id: int) -> GapLayout:
+  """A host `GapLayout` from per-row (given token ids, open gaps).
 
   Args:
-    rows: per row (ids without BOS, open flags of length len(ids) + 1: gap after BOS, then
-      after each id).
+    rows: per row (ids without BOS, span ids (or bools) of its len(ids) + 1 gaps: the gap right
+      after BOS, then the gap after each id; 0/False = closed).
     capacity: tokens after BOS the buffer holds (given tokens included).
     bos_id: BOS id.
   """
   b, r = len(rows), capacity + 1
   tokens = np.full((b, r), bos_id, np.int32)
-  open_after = np.zeros((b, r), bool)
+  open_after = np.zeros((b, r), np.int32)
   lengths = np.zeros((b,), np.int32)
   for i, (ids, opened) in enumerate(rows):
     if len(ids) >= r:
@@ -237,12 +237,14 @@ def gap_layout(rows: list[tuple[list[int], list[bool]]], capacity: int, bos_id: 
   return GapLayout(tokens=tokens, lengths=lengths, open_after=open_after)
 
 
-def _carry_open(open_after: Array, lengths: Array, insert: Array) -> Array:
-  """The open flags after `apply_insertions`: moved tokens keep theirs, inserted ones are open
-  (the same index arithmetic, applied to the flags)."""
-  moved, _, _ = apply_insertions(open_after.astype(jnp.int32), lengths, insert,
-                                 jnp.ones_like(open_after, jnp.int32), pad_value=0)
-  return moved.astype(bool)
+def _carry_spans(open_after: Array, inserted: Array, lengths: Array, insert: Array
+                 ) -> tuple[Array, Array]:
+  """Span ids and inserted flags after `apply_insertions` (the same index arithmetic applied to
+  them): moved tokens keep theirs; a token inserted after row r is inserted, in r's span."""
+  spans, _, _ = apply_insertions(open_after, lengths, insert, open_after, pad_value=0)
+  flags, _, _ = apply_insertions(inserted.astype(jnp.int32), lengths, insert,
+                                 jnp.ones_like(open_after), pad_value=0)
+  return spans, flags.astype(bool)
 
 
 def fast_did_sample(features_fn: Callable, token_fn: Callable, key: Array, layout: GapLayout,
@@ -267,35 +269,36 @@ def fast_did_sample(features_fn: Callable, token_fn: Callable, key: Array, layou
     budget: inserting rows per head chunk (default: 1/8 of the rows, at least 8).
 
   Returns:
-    (tokens [B, R - 1] (BOS dropped), lengths [B] after BOS, nfe [B], dropped [B]).
+    (tokens [B, R - 1] (BOS dropped), lengths [B] after BOS, nfe [B], dropped [B],
+     span [B, R - 1]: for each output token the span it was inserted in, 0 for given tokens).
   """
   if num_steps < 1:
     raise ValueError(f"num_steps must be >= 1; got {num_steps}.")
   tokens = jnp.asarray(layout.tokens, jnp.int32)
   lengths = jnp.asarray(layout.lengths, jnp.int32)
-  open_after = jnp.asarray(layout.open_after, bool)
+  open_after = jnp.asarray(layout.open_after).astype(jnp.int32)
   b, r = tokens.shape
   n = b * r
   if budget is None:
     budget = max(8, -(-n // 64) * 8)
   dt = draw_dtype()
   t0 = jnp.ones((b,), jnp.float32)
-  h0, m0 = jax.eval_shape(features_fn, tokens, lengths, t0, open_after)
+  h0, m0 = jax.eval_shape(features_fn, tokens, lengths, t0, open_after > 0)
   row = jnp.arange(r, dtype=jnp.int32)[None, :]
 
   def body(i, state):
-    tok, lens, opn, nfe, dropped, h, log_mass, cache_ok = state
+    tok, lens, opn, ins, nfe, dropped, h, log_mass, cache_ok = state
     t = jnp.full((b,), 1.0 - i.astype(jnp.float32) / num_steps, jnp.float32)
     kappa = jnp.where(i == num_steps - 1, kappa_last, 1.0 / (num_steps - i).astype(jnp.float32))
     need = ~cache_ok if use_cache else jnp.ones((b,), bool)
     h, log_mass = sparse.refresh_rows(
         lambda inp: tuple(x.astype(y.dtype) for x, y in zip(features_fn(*inp), (h0, m0))),
-        (tok, lens, t, opn), need, (h, log_mass))
+        (tok, lens, t, opn > 0), need, (h, log_mass))
     nfe = nfe + need.astype(jnp.int32)
     key_i = jax.random.fold_in(key, i)
     p_insert = jnp.minimum(1.0, kappa.astype(dt) * jnp.exp(log_mass.astype(dt)))
     u = jax.random.uniform(jax.random.fold_in(key_i, 0), (b, r), dt)
-    insert = opn & (row < lens[:, None]) & (u < p_insert)
+    insert = (opn > 0) & (row < lens[:, None]) & (u < p_insert)
     h_flat = h.reshape(n, -1)
     tok_key = jax.random.fold_in(key_i, 1)
 
@@ -307,17 +310,20 @@ def fast_did_sample(features_fn: Callable, token_fn: Callable, key: Array, layou
     ids = sparse.for_selected_rows(insert.reshape(-1), budget, draw,
                                    jnp.zeros((n,), jnp.int32)).reshape(b, r)
     new_tok, new_lens, drop = apply_insertions(tok, lens, insert, ids, bos_id)
-    new_open = _carry_open(opn, lens, insert)
-    return (new_tok, new_lens, new_open, nfe, dropped + drop, h, log_mass, new_lens == lens)
+    new_open, new_ins = _carry_spans(opn, ins, lens, insert)
+    return (new_tok, new_lens, new_open, new_ins, nfe, dropped + drop, h, log_mass,
+            new_lens == lens)
 
   zeros = jnp.zeros((b,), jnp.int32)
-  init = (tokens, lengths, open_after, zeros, zeros, jnp.zeros(h0.shape, h0.dtype),
-          jnp.zeros(m0.shape, m0.dtype), jnp.zeros((b,), bool))
-  tok, lens, _, nfe, dropped, _, _, _ = jax.lax.fori_loop(0, int(num_steps), body, init)
+  init = (tokens, lengths, open_after, jnp.zeros((b, r), bool), zeros, zeros,
+          jnp.zeros(h0.shape, h0.dtype), jnp.zeros(m0.shape, m0.dtype), jnp.zeros((b,), bool))
+  tok, lens, opn, ins, nfe, dropped, _, _, _ = jax.lax.fori_loop(0, int(num_steps), body, init)
   n_out = lens - 1
   cap = r - 1
-  out = jnp.where(jnp.arange(cap)[None, :] < n_out[:, None], tok[:, 1:], pad_id)
-  return out, n_out, nfe, dropped
+  live = jnp.arange(cap)[None, :] < n_out[:, None]
+  out = jnp.where(live, tok[:, 1:], pad_id)
+  span = jnp.where(live & ins[:, 1:], opn[:, 1:], 0)
+  return out, n_out, nfe, dropped, span
 
 
 # -- the "did" decoder ---------------------------------------------------------------------------
@@ -344,9 +350,9 @@ def sample_insertion(method, params, key, sample_cfg, prompt=None, layout=None) 
     given = layout.lengths - 1
     run = cached(method, ("did_fast", num_steps, cap), lambda: jax.jit(
         lambda params, key, layout: _fast_run(method, params, key, layout, num_steps, cap, use_cache)))
-    tokens, n_out, nfe, dropped = run(params, key, jax.tree.map(jnp.asarray, layout))
+    tokens, n_out, nfe, dropped, span = run(params, key, jax.tree.map(jnp.asarray, layout))
     return dict(tokens=tokens, lengths=n_out - given, total_lengths=n_out, nfe=nfe, dropped=dropped,
-                prompt_len=0, gen_len=cap)
+                span=span, prompt_len=0, gen_len=cap)
   b = s.batch_size
   p_ids = np.zeros((b, 0), np.int32)
   if prompt is not None:
@@ -361,11 +367,11 @@ def sample_insertion(method, params, key, sample_cfg, prompt=None, layout=None) 
   cap = method._capacity(s, plen)  # pylint: disable=protected-access
 
   if not reference:
-    rows = [(list(row), [False] * plen + [True]) for row in p_ids.tolist()]
+    rows = [(list(row), [0] * plen + [1]) for row in p_ids.tolist()]
     layout = gap_layout(rows, cap, method.ids.bos)
     run = cached(method, ("did_fast", num_steps, cap), lambda: jax.jit(
         lambda params, key, layout: _fast_run(method, params, key, layout, num_steps, cap, use_cache)))
-    tokens, n_out, nfe, dropped = run(params, key, jax.tree.map(jnp.asarray, layout))
+    tokens, n_out, nfe, dropped, _ = run(params, key, jax.tree.map(jnp.asarray, layout))
     return dict(tokens=tokens, lengths=n_out - plen, total_lengths=n_out, nfe=nfe, dropped=dropped,
                 prompt_len=plen, gen_len=cap - plen)
 
