@@ -105,7 +105,7 @@ def _draw_insertions(key: Array, log_scores: Array, kappa: Array, lengths: Array
 
 @partial(jax.jit, static_argnames=("score_fn", "use_cache", "bos_id"))
 def _sample_loop(score_fn: ScoreFn, key: Array, tokens: Array, lengths: Array, first_open: Array,
-                 kappa_last: Array, num_steps: Array, use_cache: bool, bos_id: int):
+                 kappa_last: Array, num_steps: Array, use_cache: bool, bos_id: int, stop: Array | None = None):
   """The whole tau-leaping loop (lax.fori_loop, traced step count) under one jit; see `did_sample`."""
   b, r = tokens.shape
 
@@ -136,13 +136,15 @@ def _sample_loop(score_fn: ScoreFn, key: Array, tokens: Array, lengths: Array, f
 
   zeros = jnp.zeros((b,), jnp.int32)
   init = (tokens, lengths, zeros, zeros, key, jnp.zeros(cache0.shape, jnp.float32), jnp.zeros((b,), bool))
-  tok, lens, nfe, dropped, _, _, _ = jax.lax.fori_loop(jnp.int32(0), num_steps, body, init)
+  stop = num_steps if stop is None else stop  # stop < num_steps: only the first steps (benchmarks)
+  tok, lens, nfe, dropped, _, _, _ = jax.lax.fori_loop(jnp.int32(0), stop, body, init)
   return tok, lens, nfe, dropped
 
 
 def did_sample(score_fn: ScoreFn, key: Array, batch_size: int, num_steps: int, capacity: int, bos_id: int,
                prompt: Array | None = None, prompt_len: Array | None = None, kappa_last: float = 1.0,
-               use_cache: bool = False, pad_id: int = -1) -> tuple[Array, Array, Array, Array]:
+               use_cache: bool = False, pad_id: int = -1, steps_run: int | None = None
+               ) -> tuple[Array, Array, Array, Array]:
   """Generates sequences by tau-leaping insertions from [BOS] (+ prompt) in `num_steps` steps.
 
   Args:
@@ -161,6 +163,8 @@ def did_sample(score_fn: ScoreFn, key: Array, batch_size: int, num_steps: int, c
     use_cache: reuse a sample's scores while its length is unchanged. Only valid for models without time input
       (the fixed-length seqnorm model); the forward runs when any sample needs it, NFE counts per sample.
     pad_id: value of output slots >= lengths.
+    steps_run: run only the first steps_run steps of the num_steps grid (timing a long run in part);
+      None runs them all.
 
   Returns:
     tokens: int32 [B, capacity] (BOS dropped, prompt kept as prefix, padded with `pad_id`).
@@ -189,7 +193,8 @@ def did_sample(score_fn: ScoreFn, key: Array, batch_size: int, num_steps: int, c
   lengths = 1 + first_open
   tok, lens, nfe, dropped = _sample_loop(score_fn, key, tokens, lengths, first_open,
                                          jnp.asarray(kappa_last, jnp.float32), jnp.asarray(num_steps, jnp.int32),
-                                         use_cache, bos_id)
+                                         use_cache, bos_id,
+                                         None if steps_run is None else jnp.asarray(steps_run, jnp.int32))
   n_out = lens - 1
   out = jnp.where(jnp.arange(capacity)[None, :] < n_out[:, None], tok[:, 1:], pad_id)
   return out, n_out, nfe, dropped

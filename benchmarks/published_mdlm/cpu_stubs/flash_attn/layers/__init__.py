@@ -1,0 +1,1 @@
+from flash_attn.layers import rotary  # noqa: F401
