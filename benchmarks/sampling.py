@@ -22,7 +22,7 @@ together; the tables print the median over rounds.
 The reference loops and the published code take minutes per batch here; --ref_steps=K times
 only their first K steps of the T-step grid (their cost per step is about constant: the
 V-wide work runs every step) and extrapolates, labelled "extrapolated". --mdlm_repo runs
-`benchmarks/published_mdlm/run_published_mdlm.py` (our driver; the published code is imported
+`benchmarks/published_mdlm/driver.py` (our driver; the published code is imported
 from the given checkout, never copied) in a torch venv, with float64 draws like ours
 (--mdlm_draw=as_published for its float32 draws), and prints the checkout's commit.
 """
@@ -298,7 +298,7 @@ def run_jax(args, decoder, path, steps, profile=False) -> dict:
 
 
 def run_published(args, steps) -> dict:
-  driver = os.path.join(HERE, "published_mdlm", "run_published_mdlm.py")
+  driver = os.path.join(HERE, "published_mdlm", "driver.py")
   cmd = [args.torch_python, driver, f"--mdlm_repo={args.mdlm_repo}", "--mode=sample",
          f"--shape={args.shape if args.shape in ('comparison', 'tiny') else 'comparison'}",
          f"--T={steps}", f"--draw_dtype={args.mdlm_draw}"]
@@ -339,8 +339,11 @@ def main() -> None:
                        "the published code, and extrapolate (0: full runs)")
   ap.add_argument("--profile", action="store_true", help="profile the fast path (a second run)")
   ap.add_argument("--mdlm_repo", default="", help="checkout of github.com/kuleshov-group/mdlm")
-  ap.add_argument("--torch_python", default=os.environ.get("TORCH_PYTHON", "python3"),
-                  help="python of a venv with torch & co (benchmarks/published_mdlm/README.md)")
+  venv_torch = os.path.join(ROOT, ".venv-torch", "bin", "python")
+  ap.add_argument("--torch_python", default=os.environ.get("TORCH_PYTHON") or (
+      venv_torch if os.path.exists(venv_torch) else "python3"),
+                  help="python of a venv with torch & co (benchmarks/published_mdlm/README.md; "
+                       "default $TORCH_PYTHON or .venv-torch/bin/python)")
   ap.add_argument("--mdlm_draw", choices=("float64", "as_published"), default="float64")
   ap.add_argument("--seed", type=int, default=0)
   ap.add_argument("--timeout", type=int, default=4 * 3600)

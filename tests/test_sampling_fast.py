@@ -220,7 +220,7 @@ def test_crn_reveals_equal_reference_and_budget_overflow_is_exact():
 def test_float64_draws_and_reference_switch_in_decoder():
   """The fast path's reveal uniforms and token draws are float64 under x64 (O11)."""
   seen = []
-  orig = ancestral.categorical_f64
+  orig = ancestral.categorical_inverse_cdf
 
   def spy(key, lw):
     seen.append(lw.dtype)
@@ -228,13 +228,13 @@ def test_float64_draws_and_reference_switch_in_decoder():
 
   den = tiny_denoiser(V, 5)
   x0 = jnp.full((2, 3), MASK, jnp.int32)
-  ancestral.categorical_f64 = spy
+  ancestral.categorical_inverse_cdf = spy
   try:
     with jax.enable_x64(True):
       ancestral.fast_ancestral_sample(den, jax.random.PRNGKey(0), x0, jnp.ones_like(x0, bool),
                                       MASK, 2)
   finally:
-    ancestral.categorical_f64 = orig
+    ancestral.categorical_inverse_cdf = orig
   assert seen and all(d == jnp.float64 for d in seen)
 
 
@@ -394,3 +394,38 @@ def test_mdlm_decoders_fast_by_default_reference_on_request():
       if dec == "threshold":
         np.testing.assert_array_equal(np.asarray(fast["tokens"]), np.asarray(ref["tokens"]))
       assert np.asarray(fast["tokens"]).shape == np.asarray(ref["tokens"]).shape
+
+
+def test_categorical_inverse_cdf_is_exact():
+  """The fast decoders' float64 draw: the two-stage inverse CDF picks exactly the id whose
+  cumulative weight brackets the uniform (checked against float64 numpy with the same
+  uniforms), never an id of weight 0, and its frequencies fit the law (chi-square)."""
+  from dlm_jax.sampling.common import categorical_inverse_cdf
+  rng = np.random.RandomState(0)
+  v = 300  # three blocks of 128, the last one partial; block 1 has no weight at all
+  w = rng.gamma(0.3, size=(v,))
+  w[128:256] = 0.0
+  w[5] = 0.0
+  lw = np.where(w > 0, np.log(np.maximum(w, 1e-300)), -np.inf)
+  k = 6
+  with jax.enable_x64(True):
+    key = jax.random.PRNGKey(4)
+    got = np.asarray(categorical_inverse_cdf(key, jnp.asarray(np.tile(lw, (k, 1)))))
+    k1, k2 = jax.random.split(key)
+    u1 = np.asarray(jax.random.uniform(k1, (k,), jnp.float64))
+    u2 = np.asarray(jax.random.uniform(k2, (k,), jnp.float64))
+    assert u1.dtype == np.float64
+    wp = np.exp(lw - lw.max())
+    wp = np.pad(wp, (0, 384 - v)).reshape(3, 128)
+    for i in range(k):
+      cb = np.cumsum(wp.sum(1))
+      blk = int(np.sum(cb <= u1[i] * cb[-1]))
+      ci = np.cumsum(wp[blk])
+      assert got[i] == blk * 128 + int(np.sum(ci <= u2[i] * ci[-1]))
+    n = 40000
+    draws = np.asarray(categorical_inverse_cdf(jax.random.PRNGKey(5),
+                                               jnp.asarray(np.tile(lw, (n, 1)))))
+  assert not np.isin(draws, np.nonzero(w == 0)[0]).any()
+  counts = dict(zip(*np.unique(draws, return_counts=True)))
+  probs = {i: w[i] / w.sum() for i in range(v) if w[i] > 0}
+  assert chi2_pvalue(counts, probs, n) > 1e-3

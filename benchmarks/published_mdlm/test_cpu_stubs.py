@@ -1,6 +1,6 @@
 """Checks of the CPU stand-ins in cpu_stubs/ against float64 references (no flash-attn needed).
 
-  TORCH_PYTHON -m pytest -q benchmarks/published_mdlm/test_cpu_stubs.py   (a torch venv, see README.md)
+  .venv-torch/bin/python -m pytest -q benchmarks/published_mdlm/test_cpu_stubs.py
 """
 import math
 import os

@@ -23,7 +23,8 @@ Two implementations draw from the same distribution:
   first decides whether it is revealed at this step (Bernoulli((alpha_s - alpha_t) /
   (1 - alpha_t)), float64), and only the revealed slots get the output head and a float64
   categorical over the non-mask ids (gathered up to a static budget, in further chunks when
-  more are revealed: exact). The trunk runs only for samples with a reveal at this step and an
+  more are revealed: exact). That categorical is a two-stage float64 inverse CDF
+  (`common.categorical_inverse_cdf`): two uniforms per slot instead of V Gumbel variates. The trunk runs only for samples with a reveal at this step and an
   outdated cache (its rows gathered into a sub-batch), and the cache holds the trunk's hidden
   states [B, L, d]. A sample's network calls (NFE) are the same function of its reveal steps as
   in the reference, so NFE has the same distribution too (oracle O8).
@@ -41,7 +42,7 @@ from dlm_jax.diffusion import schedules
 from dlm_jax.diffusion.masked import subs_log_probs
 from dlm_jax.config import ConfigError
 from dlm_jax.sampling import sparse
-from dlm_jax.sampling.common import categorical_f64, sampling_dtype
+from dlm_jax.sampling.common import categorical_f64, categorical_inverse_cdf, sampling_dtype
 from dlm_jax.sampling.decoders import masked_decoder, register
 
 LogitsFn = Callable[[jax.Array], jax.Array]
@@ -285,8 +286,9 @@ def fast_sample_loop(denoisers: Sequence[sparse.Denoiser], key: jax.Array, model
   """The fast core loop (see the module docstring); same contract as `sample_loop`.
 
   Step i reveals slot l of sample b when u < (alpha_s - alpha_t) / (1 - alpha_t) with u a
-  float64 uniform from fold_in(fold_in(key, i), 0); revealed slots draw their token by
-  Gumbel-max over the SUBS logits in float64 (keys fold_in(fold_in(fold_in(key, i), 1), chunk)).
+  float64 uniform from fold_in(fold_in(key, i), 0); revealed slots draw their token from the
+  SUBS softmax by a float64 inverse CDF (`categorical_inverse_cdf`; keys
+  fold_in(fold_in(fold_in(key, i), 1), chunk)).
   With `uniforms` (common random numbers) slot l is revealed iff u >= P(stay), the reference's
   inverse-CDF rule, and draws its token from the rescaled u, so the reveal pattern is the
   reference's exactly.
@@ -368,7 +370,7 @@ def fast_sample_loop(denoisers: Sequence[sparse.Denoiser], key: jax.Array, model
       logits = head(m, jnp.take(h_flat, jnp.minimum(idx, b * l - 1), axis=0))
       lw = logits.astype(dtype).at[:, mask_id].set(-jnp.inf)
       if u_tok is None:
-        new = categorical_f64(jax.random.fold_in(tok_key, c), lw)
+        new = categorical_inverse_cdf(jax.random.fold_in(tok_key, c), lw)
       else:
         new = _inverse_cdf_tokens(lw, jnp.take(u_tok, jnp.minimum(idx, b * l - 1)))
       return sparse.flat_set(tok, jnp.where(ok, idx, b * l), new)

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from dlm_jax.config import ConfigError
 import dlm_jax.sampling.r2 as r2_lib
 from dlm_jax.sampling import sparse
-from dlm_jax.sampling.common import DecodeResult, MaskedLayout, categorical_f64
+from dlm_jax.sampling.common import DecodeResult, MaskedLayout, categorical_f64, categorical_inverse_cdf
 from dlm_jax.sampling.decoders import masked_decoder, register
 
 LogitsFn = Callable[[jax.Array], jax.Array]
@@ -136,8 +136,8 @@ def _fast_predict(denoiser: sparse.Denoiser, valid: jax.Array, mask_id: int, tem
       logits = logits.at[:, mask_id].set(-jnp.inf)
       logp = jax.nn.log_softmax(logits, axis=-1)
       if temperature > 0.0:
-        y = categorical_f64(jax.random.fold_in(jax.random.fold_in(key, it), c),
-                            logits / temperature)
+        y = categorical_inverse_cdf(jax.random.fold_in(jax.random.fold_in(key, it), c),
+                                    logits / temperature)
       else:
         y = jnp.argmax(logp, axis=-1).astype(jnp.int32)
       cf = jnp.exp(jnp.take_along_axis(logp, y[:, None], axis=-1)[:, 0])

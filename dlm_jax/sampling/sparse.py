@@ -106,35 +106,60 @@ def refresh_rows(fn: Callable[..., Any], inputs: Any, need: Array, cache: Any,
   return jax.lax.switch(which, branches, cache)
 
 
+def chunk_sizes(budget: int, smallest: int = 8) -> tuple[int, ...]:
+  """Chunk sizes `for_selected_rows` picks from: budget / 2^k down to `smallest`, ascending."""
+  sizes = [int(budget)]
+  while sizes[-1] // 2 >= smallest and sizes[-1] % 2 == 0:
+    sizes.append(sizes[-1] // 2)
+  return tuple(sorted(sizes))
+
+
 def for_selected_rows(selected: Array, budget: int,
-                      body: Callable[[Array, Array, Array, Any], Any], carry: Any) -> Any:
-  """Runs `body` on the selected flat positions, `budget` at a time, until all are done.
+                      body: Callable[[Array, Array, Array, Any], Any], carry: Any,
+                      sizes: Optional[Sequence[int]] = None) -> Any:
+  """Runs `body` on the selected flat positions, at most `budget` at a time, until all are done.
+
+  Each pass takes the smallest chunk size of `sizes` (default `chunk_sizes(budget)`) that holds
+  the positions still to do (or the largest), so a step with few positions pays for few rows.
 
   Args:
     selected: [N] bool.
-    budget: static chunk size K (positions per pass of `body`).
-    body: (chunk index c, idx [K] int32 positions (N = filler), valid [K] bool, carry) ->
-      carry. Filler entries have valid False and idx N (gather with a clamp, scatter with
-      mode="drop").
+    budget: static largest chunk (positions per pass of `body`).
+    body: (chunk index c, idx [k] int32 positions (N = filler), valid [k] bool, carry) ->
+      carry, for each k in `sizes`. Filler entries have valid False and idx N (gather with a
+      clamp, scatter with mode="drop").
     carry: loop state.
+    sizes: the chunk sizes (ascending, the last one the budget).
 
   Returns:
     The final carry. With at most `budget` positions selected `body` runs once; with none, never.
   """
   n = selected.shape[0]
-  k = int(min(max(int(budget), 1), n))
+  k_max = int(min(max(int(budget), 1), n))
+  sizes = tuple(min(int(k), k_max) for k in (sizes or chunk_sizes(k_max)))
+  sizes = tuple(sorted(set(sizes) | {k_max}))
   count = jnp.sum(selected.astype(jnp.int32))
-  n_pad = -(-n // k) * k
-  order = jnp.nonzero(selected, size=n_pad, fill_value=n)[0].astype(jnp.int32)
-  chunks = (count + k - 1) // k
+  order = jnp.nonzero(selected, size=n + k_max, fill_value=n)[0].astype(jnp.int32)
+
+  def chunk(k):
+    def run(c, done, carry):
+      idx = jax.lax.dynamic_slice(order, (done,), (k,))
+      valid = done + jnp.arange(k, dtype=jnp.int32) < count
+      return body(c, jnp.where(valid, idx, n), valid, carry)
+    return run
+
+  branches = [chunk(k) for k in sizes]
+  size_arr = jnp.asarray(sizes, jnp.int32)
 
   def step(state):
-    c, carry = state
-    idx = jax.lax.dynamic_slice(order, (c * k,), (k,))
-    valid = c * k + jnp.arange(k, dtype=jnp.int32) < count
-    return c + 1, body(c, jnp.where(valid, idx, n), valid, carry)
+    c, done, carry = state
+    which = jnp.minimum(jnp.searchsorted(size_arr, count - done, side="left"), len(sizes) - 1)
+    carry = branches[0](c, done, carry) if len(sizes) == 1 else jax.lax.switch(
+        which, branches, c, done, carry)
+    return c + 1, done + size_arr[which], carry
 
-  _, carry = jax.lax.while_loop(lambda s: s[0] < chunks, step, (jnp.int32(0), carry))
+  _, _, carry = jax.lax.while_loop(lambda s: s[1] < count, step,
+                                   (jnp.int32(0), jnp.int32(0), carry))
   return carry
 
 

@@ -16,7 +16,8 @@ Two implementations draw from the same distribution:
 - the fast path (`fast_did_sample`, the default): a row's outcome is "insert" with probability
   min(1, kappa * mass_r), mass_r = sum_v s[r, v] (what the count / seqnorm head says per row, no V-wide work), and
   the inserted token follows s[r, .] / mass_r; so each open row first draws "insert or not" (float64 Bernoulli) and
-  only the rows that insert get the output head and a float64 categorical over V (gathered up to a static budget,
+  only the rows that insert get the output head and a float64 categorical over V (a two-stage inverse CDF,
+  `categorical_inverse_cdf`; gathered up to a static budget,
   in further chunks when more rows insert: exact). Its cache holds the trunk's hidden states [B, R, d] and the row
   masses, and the trunk runs only for the samples that need it. It also takes infilling: insertions allowed only
   in marked gaps (`GapLayout.open_after`); a token inserted in an open gap leaves both gaps around it open.
@@ -35,7 +36,7 @@ import flax.struct
 
 from dlm_jax.config import ConfigError
 from dlm_jax.sampling import sparse
-from dlm_jax.sampling.common import categorical_f64
+from dlm_jax.sampling.common import categorical_inverse_cdf
 from dlm_jax.sampling.decoders import Decoder, cached, register
 
 Array = jax.Array
@@ -309,7 +310,7 @@ def fast_did_sample(features_fn: Callable, token_fn: Callable, key: Array, layou
 
     def draw(c, idx, ok, ids):
       lp = token_fn(jnp.take(h_flat, jnp.minimum(idx, n - 1), axis=0))
-      v = categorical_f64(jax.random.fold_in(tok_key, c), lp)
+      v = categorical_inverse_cdf(jax.random.fold_in(tok_key, c), lp)
       return ids.at[jnp.where(ok, idx, n)].set(v, mode="drop")
 
     ids = sparse.for_selected_rows(insert.reshape(-1), budget, draw,

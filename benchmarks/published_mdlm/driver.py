@@ -23,9 +23,9 @@ noise=loglinear, parameterization=subs, T=0, sampling.predictor=ddpm_cache, ...)
 imports (flash_attn, causal_conv1d, mamba_ssm, timm, datasets) come from the CPU stand-ins in
 --stubs, put first on sys.path. Nothing in the checkout is modified.
 
-  TORCH_PYTHON run_published_mdlm.py --mdlm_repo=PATH/TO/mdlm \
+  .venv-torch/bin/python benchmarks/published_mdlm/driver.py --mdlm_repo=PATH \
       --mode=train --shape=comparison --steps=5
-  TORCH_PYTHON run_published_mdlm.py --mdlm_repo=PATH/TO/mdlm \
+  .venv-torch/bin/python benchmarks/published_mdlm/driver.py --mdlm_repo=PATH \
       --mode=sample --shape=comparison --T=128
 """
 
