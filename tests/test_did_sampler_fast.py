@@ -124,7 +124,7 @@ def _counts(out):
   return counts
 
 
-@pytest.mark.parametrize("variant", ["fixed", "variable"])
+@pytest.mark.parametrize("variant", ["fixed", pytest.param("variable", marks=pytest.mark.slow)])
 def test_one_step_enumerated_and_drawn(variant):
   """One step from [BOS, 4], kappa 0.6. Both gaps open (16 outcomes): the fast path's law
   (Bernoulli(min(1, kappa mass)) per gap, then the token) equals the spec's weights exactly,
