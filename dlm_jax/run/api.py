@@ -6,6 +6,7 @@
     run.sample(prompts=["In the beginning", "And"])  # completions of each prompt
     run.infill("The [[6]] sat on the [[2]].")        # MDLM; DID: "The [[*]] sat on the [[*]]."
     run.loss(["In the beginning ..."])              # NELBO per token (nats) per text
+    run.logits(tokens, sigma)                       # raw network output [B, L, V] (before SUBS)
 
 No training mesh is needed: parameters are restored onto a mesh over the local devices (one
 device in a plain notebook), whatever topology the run was trained on.
@@ -15,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from typing import Any, Sequence
 
 import jax
@@ -25,6 +25,7 @@ import numpy as np
 
 from dlm_jax import config as config_lib
 from dlm_jax import parallel
+from dlm_jax import paths
 from dlm_jax.run import checkpoint as ckpt_lib
 from dlm_jax.run import experiment as exp_lib
 from dlm_jax.run import prompts as prompts_lib
@@ -42,7 +43,7 @@ def read_run_config(workdir: str, step: int | None = None) -> tuple[ml_collectio
 
   Fields that moved since the run was saved are read under their new names.
   """
-  ckpt = ckpt_lib.Checkpointer(workdir, async_save=False)
+  ckpt = ckpt_lib.Checkpointer(workdir, read_only=True)
   try:
     steps = ckpt.all_steps()
     if not steps:
@@ -83,9 +84,12 @@ class LoadedRun:
       s[k] = v
     return s
 
-  def sample(self, num_samples: int | None = None, seed: int = 0, prompt: str | None = None,
-             prompts: Sequence[Any] | None = None, **overrides: Any) -> dict[str, Any]:
+  def sample(self, num_samples: int | None = None, seed: int | None = None,
+             prompt: str | None = None, prompts: Sequence[Any] | None = None,
+             **overrides: Any) -> dict[str, Any]:
     """Draws samples; overrides are config.sample fields (decoder, num_steps, tau, ...).
+
+    `seed` None uses config.sample.seed.
 
     Decoders run their fast path (the output head only where a token is drawn) unless
     `reference=True`. With `prompts` (strings, or dicts as in a prompts file:
@@ -99,7 +103,7 @@ class LoadedRun:
       if prompt is not None:
         raise ValueError("give either prompt= (one prefix) or prompts= (a list), not both.")
       s.num_samples = 1 if num_samples is None else num_samples
-      return prompts_lib.generate(self, prompts, s, seed=seed)
+      return prompts_lib.generate(self, prompts, s, seed=s.seed if seed is None else seed)
     if num_samples is not None:
       s.num_samples = num_samples
       s.batch_size = min(s.batch_size, num_samples) if s.batch_size else num_samples
@@ -107,14 +111,14 @@ class LoadedRun:
 
   def infill(self, template: str | Sequence[str] | None = None, *, text: str | None = None,
              spans: Sequence[tuple[int, int, Any]] | None = None, num_samples: int = 1,
-             seed: int = 0, **overrides: Any) -> dict[str, Any]:
+             seed: int | None = None, **overrides: Any) -> dict[str, Any]:
     """Fills the marked spans of a template (or of `text` at character ranges `spans`).
 
     Template syntax (`dlm_jax.sampling.templates`): "[[N]]" a span of exactly N tokens (MDLM
     decoders), "[[*]]" a gap open to insertions (DID), "\\[[" a literal "[[". `spans` are
     (start, end, n_tokens) character ranges of `text` replaced by a span (n_tokens None for
     DID); ranges that overlap or exceed the text are refused, naming the span. Text outside
-    the spans is never changed.
+    the spans is never changed. `seed` None uses config.sample.seed.
 
     Returns:
       `prompts.generate`'s dict: records with the completion of each span (a list of strings)
@@ -123,10 +127,46 @@ class LoadedRun:
     s = self._sample_cfg(overrides)
     s.num_samples = num_samples
     items = prompts_lib.infill_items(template, text, spans, self.method.family)
-    return prompts_lib.generate(self, items, s, seed=seed)
+    return prompts_lib.generate(self, items, s, seed=s.seed if seed is None else seed)
 
-  def sample_text(self, num_samples: int = 4, seed: int = 0, **overrides: Any) -> list[str]:
+  def sample_text(self, num_samples: int = 4, seed: int | None = None,
+                  **overrides: Any) -> list[str]:
     return self.sample(num_samples=num_samples, seed=seed, **overrides)["texts"]
+
+  def logits(self, tokens: Any, sigma: Any = None) -> np.ndarray:
+    """The raw network output [B, L, V] (float32) for token ids [B, L] (or [L]), before SUBS.
+
+    Every position attends to every other (one unpadded row per example), positions 0..L-1.
+    `sigma` ([B] or a scalar) is the noise level the network is conditioned on: the published
+    MDLM's sigma for an imported model (`model.adaln_always`), the method's time t for a
+    time-conditioned one. None feeds what the method feeds: 0 when time conditioning is off (the
+    published MDLM's default); a time-conditioned network needs it. A network without a time
+    input refuses a sigma.
+    """
+    x = np.asarray(tokens)
+    if x.ndim == 1:
+      x = x[None]
+    if x.ndim != 2 or not np.issubdtype(x.dtype, np.integer):
+      raise ValueError(f"tokens must be integer ids [B, L] or [L], got {x.dtype} {x.shape}.")
+    vocab = self.method.model_cfg.vocab_size
+    if x.size and (x.min() < 0 or x.max() >= vocab):
+      raise ValueError(f"token ids must lie in [0, {vocab}); got {x.min()}..{x.max()}.")
+    cfg = self.method.model_cfg
+    t = None
+    if sigma is not None:
+      if not cfg.conditioned:
+        raise ValueError("This network has no time input (model.time_conditioning and "
+                         "model.adaln_always are off): call run.logits(tokens) without sigma.")
+      t = np.broadcast_to(np.asarray(sigma, np.float32).reshape(-1), (x.shape[0],))
+    elif cfg.time_conditioning:
+      raise ValueError("This network is time-conditioned: give sigma (the method's time t).")
+    if not hasattr(self, "_logits_fn"):
+      model = self.method.model
+      fn = jax.jit(lambda p, tok, tt: model.apply({"params": p}, tok, t=tt)[0])
+      self._logits_fn = parallel.in_sharding_context(fn, self.mesh)  # pylint: disable=attribute-defined-outside-init
+    out = self._logits_fn(self.params, jnp.asarray(x, jnp.int32),
+                          None if t is None else jnp.asarray(t))
+    return np.asarray(jax.device_get(out))
 
   def loss(self, texts: Sequence[str], seed: int = 0) -> np.ndarray:
     """Likelihood bound of each text in nats per token (method's NELBO, eval_num_t draws)."""
@@ -161,9 +201,9 @@ def _eval_sums_jit(run: LoadedRun):
   return run._eval_fn  # pylint: disable=protected-access
 
 
-def sample_batches(run: LoadedRun, s: ml_collections.ConfigDict, seed: int = 0,
+def sample_batches(run: LoadedRun, s: ml_collections.ConfigDict, seed: int | None = None,
                    prompt_text: str | None = None) -> dict[str, Any]:
-  """Runs the method's decoder over ceil(num_samples / batch_size) batches.
+  """Runs the method's decoder over ceil(num_samples / batch_size) batches (seed None: s.seed).
 
   The decoder and its options are checked first (ConfigError naming the sample.* field), as the
   `sample` command does.
@@ -176,7 +216,7 @@ def sample_batches(run: LoadedRun, s: ml_collections.ConfigDict, seed: int = 0,
     prompt = np.tile(np.asarray(ids, np.int32)[None], (s.batch_size, 1))
   merged = common.sample_in_batches(
       lambda key: run.method.sample(run.params, key, s, prompt=prompt), s.num_samples,
-      s.batch_size, seed, run.mesh)
+      s.batch_size, s.seed if seed is None else seed, run.mesh)
   merged["texts"] = run.method.decode_samples(merged, tok) if hasattr(
       run.method, "decode_samples") else [tok.decode(list(r)) for r in merged["tokens"]]
   return merged
@@ -192,18 +232,21 @@ def load(workdir: str, step: int | None = None, use_ema: bool = True,
     use_ema: return the EMA parameters when the run kept them.
     devices: where to put the parameters (default: all local devices, replicated).
   """
-  if not os.path.exists(ckpt_lib.checkpoint_dir(workdir)) and "://" not in workdir:
+  if not paths.is_remote(workdir) and not paths.exists(ckpt_lib.checkpoint_dir(workdir)):
     raise ckpt_lib.CheckpointError(f"{workdir} has no checkpoints/ folder; is it a training "
                                    "--workdir?")
   config, config_step = read_run_config(workdir, step)
+  # The tokenizer files saved with the run: the corpus is never read again.
+  tokenizer = exp_lib.run_tokenizer(workdir, config)
   mesh = _mesh_over(list(devices or jax.local_devices()))
   config.unlock()
   # The batch only needs to divide over the notebook's devices for evaluation helpers.
   n = parallel.data_parallel_size(mesh)
   config.train.global_batch_size = max(n, (config.train.global_batch_size // n) * n)
+  config.optim.grad_accum_steps = 1  # a training setting; the micro-batch need not fit here
   config.mesh.data, config.mesh.fsdp, config.mesh.tensor = -1, 1, 1
-  exp = exp_lib.Experiment.create(config, mesh=mesh)
-  ckpt = ckpt_lib.Checkpointer(workdir, async_save=False)
+  exp = exp_lib.Experiment.create(config, mesh=mesh, tokenizer=tokenizer, check_data=False)
+  ckpt = ckpt_lib.Checkpointer(workdir, read_only=True)
   try:
     # With step=None this walks back past a corrupt newest checkpoint.
     got, state, _ = ckpt.restore(exp.abstract_state(), step=step, check_meta=exp.check_meta)
@@ -216,6 +259,5 @@ def load(workdir: str, step: int | None = None, use_ema: bool = True,
 
 
 def write_jsonl(path: str, records: Sequence[dict[str, Any]]) -> None:
-  with open(path, "w", encoding="utf-8") as f:
-    for r in records:
-      f.write(json.dumps(r) + "\n")
+  """One JSON object per line, to a local path or gs:// (written whole, atomically)."""
+  paths.write_text(path, "".join(json.dumps(r) + "\n" for r in records))

@@ -23,6 +23,7 @@ import ml_collections
 import numpy as np
 
 from dlm_jax import parallel
+from dlm_jax import paths
 from dlm_jax.methods.did import sampler as did_sampler
 from dlm_jax.sampling import common
 from dlm_jax.sampling import decoders
@@ -63,16 +64,17 @@ def parse_prompt_line(obj: Any, where: str) -> PromptItem:
 def read_prompts(path: str) -> list[PromptItem]:
   """The prompts of a JSONL file (blank lines skipped); errors name the file and line."""
   items = []
-  with open(path, encoding="utf-8") as f:
-    for n, line in enumerate(f, start=1):
-      if not line.strip():
-        continue
-      where = f"{path} line {n}"
-      try:
-        obj = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{where}: not valid JSON ({e.msg}).") from None
-      items.append(parse_prompt_line(obj, where))
+  if not paths.isfile(path):
+    raise ValueError(f"--prompts={path}: no such file.")
+  for n, line in enumerate(paths.read_text(path).splitlines(), start=1):
+    if not line.strip():
+      continue
+    where = f"{path} line {n}"
+    try:
+      obj = json.loads(line)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{where}: not valid JSON ({e.msg}).") from None
+    items.append(parse_prompt_line(obj, where))
   if not items:
     raise ValueError(f"{path}: no prompts (one JSON object per line).")
   return items
