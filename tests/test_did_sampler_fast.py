@@ -284,3 +284,31 @@ def test_did_decoder_fast_default_keeps_prompt():
       tok = np.asarray(out["tokens"])
       np.testing.assert_array_equal(tok[:, :2], [[4, 5]] * 3)
       assert out["prompt_len"] == 2
+
+
+def test_token_head_runs_only_for_gaps_that_insert():
+  """The cost rule of the fast DID path (issue 19): the token distribution is computed only
+  for gaps that insert at a step (plus at most budget - 1 filler rows per step), not for every
+  open gap at every step. The law tests cannot see this: the same draws come out either way."""
+  def small_mass(tokens, lengths, t):
+    b, r = tokens.shape
+    return jnp.full((b, r, 7), -jnp.inf).at[..., A].set(math.log(0.03)).at[..., B].set(
+        math.log(0.02))
+  f, tl = split_of(small_mass)
+  rows = []
+
+  def counting_tl(h):
+    n = h.shape[0]
+    jax.debug.callback(lambda: rows.append(n))
+    return tl(h)
+
+  n_steps, budget, cap = 16, 4, 40
+  lay = did_sampler.gap_layout([([], [True])] * 4, cap, BOS)
+  with jax.enable_x64(True):
+    tok, lens, nfe, dropped, _ = did_sampler.fast_did_sample(
+        f, counting_tl, jax.random.key(3), lay, n_steps, bos_id=BOS, pad_id=-1, budget=budget)
+    jax.block_until_ready(tok)
+    jax.effects_barrier()
+  inserted = int(np.asarray(lens).sum() + np.asarray(dropped).sum())
+  assert inserted > 0 and max(rows) <= budget
+  assert inserted <= sum(rows) <= inserted + (budget - 1) * n_steps, (sum(rows), inserted)
