@@ -17,6 +17,9 @@ together; the tables print the median over rounds.
   python benchmarks/sampling.py --rounds=3 --steps=128 --decoders=ancestral \
       --mdlm_repo=/path/to/kuleshov-group/mdlm --torch_python=/path/to/torch-venv/bin/python
   python benchmarks/sampling.py --profile --paths=fast           # where the fast path's time goes
+  python benchmarks/sampling.py --steps=128 --ref_steps=16 --profile --profile_decoders=ancestral \
+      --mdlm_repo=/path/to/mdlm --torch_python=/path/to/torch-venv/bin/python --out=t128.json
+                                                      # the README's T = 128 table (one round)
   python benchmarks/sampling.py --shape=tiny                     # a quick smoke run
 
 The reference loops and the published code take minutes per batch here; --ref_steps=K times
@@ -287,7 +290,11 @@ def _sub(cmd, timeout):
   proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
   if proc.returncode != 0:
     raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
-  return json.loads(proc.stdout.strip().splitlines()[-1])
+  out = proc.stdout.strip()
+  try:
+    return json.loads(out.splitlines()[-1])  # our worker: one line
+  except json.JSONDecodeError:  # the published-code driver prints indented JSON last
+    return json.loads(out[out.rfind("\n{") + 1:] if "\n{" in out else out)
 
 
 def run_jax(args, decoder, path, steps, profile=False) -> dict:
@@ -338,6 +345,8 @@ def main() -> None:
                   help="time only the first K steps (threshold: passes) of the reference loops and "
                        "the published code, and extrapolate (0: full runs)")
   ap.add_argument("--profile", action="store_true", help="profile the fast path (a second run)")
+  ap.add_argument("--profile_decoders", default="",
+                  help="with --profile: only these decoders (comma list; default all)")
   ap.add_argument("--mdlm_repo", default="", help="checkout of github.com/kuleshov-group/mdlm")
   venv_torch = os.path.join(ROOT, ".venv-torch", "bin", "python")
   ap.add_argument("--torch_python", default=os.environ.get("TORCH_PYTHON") or (
@@ -372,12 +381,19 @@ def main() -> None:
     for d, p, t in variants:
       label = f"round {r + 1}: {d} {p} T={t if d != 'threshold' else '-'}"
       print(label, "...", flush=True)
-      res = run_published(args, t) if p == "published" else run_jax(
-          args, d, p, t, profile=args.profile and p == "fast" and r == 0)
+      prof = (args.profile and p == "fast" and r == 0
+              and (not args.profile_decoders or d in args.profile_decoders.split(",")))
+      res = run_published(args, t) if p == "published" else run_jax(args, d, p, t, profile=prof)
       print(f"  {res['seconds_per_batch']:.2f} s/batch ({res['run']}), "
             f"{res['network_calls_per_sample']:.1f} calls/sample, "
-            f"peak {res.get('peak_rss_sampling_mib') or float('nan'):.0f} MiB", flush=True)
+            f"peak {res.get('peak_rss_sampling_mib') or float('nan'):.0f} MiB, "
+            f"load {res.get('load_1min') or float('nan'):.1f}", flush=True)
+      if "profile" in res:
+        print("  profile: " + json.dumps(res["profile"]), flush=True)
       results[(d, t)].append(dict(res, round=r + 1))
+      if args.out:  # after every measurement: a stopped run keeps what it measured
+        with open(args.out, "w") as f:
+          json.dump([dict(v, key=list(k)) for k, vs in results.items() for v in vs], f, indent=1)
   report(results, args)
   if args.out:
     with open(args.out, "w") as f:
