@@ -13,6 +13,11 @@ Run it before and after a change that must not change behaviour (a refactor), th
   python benchmarks/fingerprint.py --compare=/tmp/before.json,/tmp/after.json
 
 Only the entry points, flags and config fields that a refactor keeps are used.
+
+A change that keeps a reference path and makes a new default (issue 19: the fast decoders draw
+from the same distribution, not the same numbers) is compared on the reference path:
+
+  python benchmarks/fingerprint.py --out=/tmp/after.json --sample_flag=--set=reference=true
 """
 
 from __future__ import annotations
@@ -87,7 +92,7 @@ def _params_hash(ckpt_dir: str) -> dict[str, str]:
   return out
 
 
-def fingerprint(root: str) -> dict:
+def fingerprint(root: str, sample_flags: tuple[str, ...] = ()) -> dict:
   res = {}
   sft = os.path.join(root, "sft.npz")
   pre = os.path.join(root, "arith_pretrain")
@@ -105,7 +110,7 @@ def fingerprint(root: str) -> dict:
     if sample is not None:
       out = os.path.join(wd, "fp_samples")
       _run(["-m", "dlm_jax.sample", f"--workdir={wd}", "--num_samples=2", "--seed=3",
-            f"--out_dir={out}"] + sample)
+            f"--out_dir={out}"] + sample + list(sample_flags))
       recs = [json.loads(line) for line in open(os.path.join(out, "samples.jsonl"))]
       entry["samples"] = [r["tokens"] for r in recs]
       entry["nfe"] = [r["nfe"] for r in recs]
@@ -143,12 +148,15 @@ def main() -> None:
   ap.add_argument("--out", default="fingerprint.json")
   ap.add_argument("--root", default="", help="work folder (default: a temporary one, removed after)")
   ap.add_argument("--compare", default="", help="a.json,b.json: print what differs; exit 1 if anything")
+  ap.add_argument("--sample_flag", action="append", default=[],
+                  help="extra flag for every `dlm_jax.sample` call (repeatable), e.g. "
+                       "--sample_flag=--set=reference=true")
   args = ap.parse_args()
   if args.compare:
     sys.exit(1 if compare(*args.compare.split(",")) else 0)
   root = args.root or tempfile.mkdtemp(prefix="dlm_fingerprint_")
   try:
-    res = fingerprint(root)
+    res = fingerprint(root, tuple(args.sample_flag))
   finally:
     if not args.root:
       shutil.rmtree(root, ignore_errors=True)

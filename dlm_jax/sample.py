@@ -15,6 +15,23 @@ tokenizer, and a schedule of contiguous segments over the ancestral steps (step 
 The schedule's length sets sample.num_steps (or must equal it when --config.sample.num_steps is
 given).
 
+Prompts and infilling (MDLM and DID runs):
+
+  python -m dlm_jax.sample --workdir=/tmp/run --prompts=prompts.jsonl --num_samples=2
+  python -m dlm_jax.sample --workdir=/tmp/run --infill="The [[6]] sat on the [[2]]."
+
+A prompts file has one JSON object per line: {"prompt": "text"} (a prefix to continue) or
+{"infill": "template"}, with an optional "id"; any other key is an error naming the line.
+Template syntax: [[N]] marks a span of exactly N tokens to fill (MDLM decoders: ancestral,
+threshold, fixed_k), [[*]] a gap open to insertions (DID; the number of tokens emerges, up to
+sample.capacity in all), \[[ is a literal "[[". Text outside the spans is kept verbatim; spans
+that run past the model's length are refused, naming the span. Each prompt or template gets
+--num_samples completions (default 1), written to completions.jsonl (prompt, completion: a string
+for a prompt, one string per span for a template, text, decoder, nfe, sample, id).
+
+Decoders run their fast path (the output head only where a token is drawn);
+--config.sample.reference=true runs the original loops (one prefix prompt only).
+
 Writes samples.jsonl (one record per sample: text, tokens, NFE) and samples_summary.json
 (decoder settings, NFE, tokens per forward, wall time per sample, commits per R² rule, FLOPs per
 sample for schedules) into --workdir (or --out_dir) and prints the texts. Bad input (a threshold
@@ -39,6 +56,8 @@ from dlm_jax import paths
 from dlm_jax.run import api
 from dlm_jax.run import checkpoint as ckpt_lib
 from dlm_jax.run import cli
+from dlm_jax.run import prompts as prompts_lib
+from dlm_jax.sampling import templates
 from dlm_jax.sampling import decoders
 from dlm_jax.scheduling import flops as flops_lib
 from dlm_jax.scheduling import sampler as scheduled
@@ -61,6 +80,15 @@ _LIGHT_STEP = flags.DEFINE_integer("light_step", None, "Checkpoint step of the l
 _SCHEDULE = flags.DEFINE_string(
     "schedule", None, "Heavy/light schedule over the ancestral steps, e.g. L8,H16,L8 (light on "
     "the first and last 8 of 32 steps).")
+
+_PROMPTS = flags.DEFINE_string(
+    "prompts", None, "JSONL file of prompts, one object per line: {\"prompt\": \"...\"} (a "
+    "prefix) or {\"infill\": \"template\"}, optional \"id\". Template: [[N]] = a span of N "
+    "tokens to fill (MDLM), [[*]] = a gap open to insertions (DID), \\[[ = a literal [[. Writes "
+    "completions.jsonl; --num_samples completions per prompt (default 1).")
+_INFILL = flags.DEFINE_string(
+    "infill", None, "One infilling template, e.g. 'The [[6]] sat on the [[2]].' (MDLM) or "
+    "'The [[*]] sat.' (DID); see --prompts for the syntax.")
 
 RULE_NAMES = ("threshold", "conf_cluster", "token_cluster", "temporal")
 
@@ -122,6 +150,51 @@ def run_sampling(workdir: str, overrides: dict, num_samples: int | None, seed: i
   summary.update(_commit_stats(out, n))
   _write(out_dir or workdir, out["texts"], out["tokens"], nfe, summary)
   return dict(summary=summary, texts=out["texts"])
+
+
+def run_prompts(workdir: str, overrides: dict, num_samples: int | None, seed: int | None,
+                out_dir: str | None, step: int | None = None, use_ema: bool = True,
+                prompts_file: str | None = None, infill: str | None = None) -> dict:
+  """Completions of a prompts file and/or one template; writes completions.jsonl.
+
+  The file and the templates are read and checked (unknown keys, bad spans) before any
+  sampling; returns dict(summary, texts, records). `seed` None: config.sample.seed (after
+  `overrides`).
+  """
+  items = []
+  if prompts_file:
+    items += prompts_lib.read_prompts(prompts_file)
+  if infill:
+    items += prompts_lib.infill_items(infill)
+  base = api.read_run_config(workdir, step)[0]
+  s0 = base.sample
+  for k, v in overrides.items():
+    s0[k] = v
+  method_cls = methods.get_method_class(base.method)
+  decoders.check_options(s0, method_cls.family, method_cls.default_decoder, method_cls.name)
+  for it in items:
+    if it.kind == "infill":
+      try:
+        templates.parse_template(it.text)
+      except ValueError as e:
+        raise ValueError(f"{it.where}: {e}") from None
+  run = api.load(workdir, step=step, use_ema=use_ema)
+  s = run.config.sample
+  for k, v in overrides.items():
+    s[k] = v
+  s.num_samples = 1 if num_samples is None else num_samples
+  if seed is not None:
+    s.seed = seed
+  res = prompts_lib.generate(run, items, s, seed=s.seed)
+  out_path = paths.join(out_dir or workdir, "completions.jsonl")
+  api.write_jsonl(out_path, res["records"])
+  n = len(res["records"])
+  summary = dict(step=run.step, decoder=res["records"][0]["decoder"] if n else s.decoder,
+                 num_prompts=len(items), num_completions=n,
+                 mean_nfe=float(np.mean(res["nfe"])) if n else 0.0,
+                 wall_sec_per_completion=res["wall_sec"] / max(n, 1),
+                 wall_includes_compile=True, seed=s.seed, out=out_path)
+  return dict(summary=summary, texts=res["texts"], records=res["records"])
 
 
 def run_scheduled_sampling(workdir: str, light_workdir: str, schedule_spec: str, overrides: dict,
@@ -205,7 +278,12 @@ def main(argv):
         cli.fail(f"--seed={_SEED.value} and --config.sample.seed={overrides['seed']} disagree; "
                  "give one of them.")
       overrides["seed"] = _SEED.value
-    if _SCHEDULE.value:
+    if _PROMPTS.value or _INFILL.value:
+      if _SCHEDULE.value or _PROMPT.value:
+        raise app.UsageError("--prompts/--infill do not combine with --schedule or --prompt.")
+      res = run_prompts(_WORKDIR.value, overrides, _NUM.value, None, _OUT.value,
+                        _STEP.value, not _NO_EMA.value, _PROMPTS.value, _INFILL.value)
+    elif _SCHEDULE.value:
       res = run_scheduled_sampling(_WORKDIR.value, _LIGHT.value, _SCHEDULE.value, overrides,
                                    _NUM.value, None, _OUT.value, _STEP.value,
                                    _LIGHT_STEP.value, not _NO_EMA.value, _PROMPT.value)

@@ -142,6 +142,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.sample.tau = 0.9
   c.sample.t_final = 0.0
   c.sample.use_cache = True
+  c.sample.reference = False      # True: the original decoders (full [B, L, V] logits every step)
   c.sample.r2 = ""                # comma list of conf,token,stability (threshold decoder)
   c.sample.prompt = ""
   c.sample.capacity = 0           # did: max length (0 = data.seq_len)

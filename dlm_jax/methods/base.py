@@ -13,6 +13,7 @@ is empty. `check_config` raises `ConfigError` for settings the method cannot run
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import jax
@@ -20,8 +21,9 @@ import jax.numpy as jnp
 import ml_collections
 
 from dlm_jax.config import ConfigError
-from dlm_jax.models.transformer import Transformer, TransformerConfig
+from dlm_jax.models.transformer import DTYPES, Transformer, TransformerConfig
 from dlm_jax.sampling import decoders
+from dlm_jax.sampling import sparse
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,6 +112,50 @@ class Method:
 
     return fn
 
+  def features_fn(self, params: Any):
+    """Closure (tokens [B, L], valid [B, L] bool or None) -> final hidden states h [B, L, d].
+
+    `valid` False marks padding (segment id 0): real positions never attend to it, so a row
+    padded on the right gives the same h on its real positions as the unpadded row.
+    """
+
+    def fn(tokens, valid=None):
+      b, length = tokens.shape
+      pos = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (b, length))
+      seg = jnp.ones((b, length), jnp.int32) if valid is None else valid.astype(jnp.int32)
+      return self.apply(params, tokens, pos, seg, None, features_only=True)[0]
+
+    return fn
+
+  def head_fn(self, params: Any):
+    """Closure h [..., d] -> logits [..., V] float32: the model's output layer on any rows.
+
+    The same operations as the head inside `Transformer` (tied: the embedding table divided by
+    sqrt(d); untied: `params['head']`), so head_fn(features_fn(x)) equals logits_fn(x).
+    """
+    cfg = self.model_cfg
+    dtype = DTYPES[cfg.dtype]
+    if cfg.tie_embeddings:
+      table = params["embed"]["embedding"]
+      scale = math.sqrt(cfg.d_model)
+
+      def tied(h):
+        return (jnp.dot(h.astype(dtype), table.astype(dtype).T) / scale).astype(jnp.float32)
+
+      return tied
+    kernel, bias = params["head"]["kernel"], params["head"]["bias"]
+
+    def untied(h):
+      y = jax.lax.dot_general(h.astype(dtype), kernel.astype(dtype),
+                              (((h.ndim - 1,), (0,)), ((), ())))
+      return (y + bias.astype(dtype)).astype(jnp.float32)
+
+    return untied
+
+  def denoiser(self, params: Any) -> sparse.Denoiser:
+    """The network split at its final hidden state, for the fast decoders (`sampling.sparse`)."""
+    return sparse.Denoiser(features=self.features_fn(params), head=self.head_fn(params))
+
   # -- interface ---------------------------------------------------------------------------
   def train_loss(self, params: Any, batch: dict[str, jax.Array], key: jax.Array,
                  train: bool = True) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -127,12 +173,16 @@ class Method:
     raise NotImplementedError
 
   def sample(self, params: Any, key: jax.Array, sample_cfg: ml_collections.ConfigDict,
-             prompt: jax.Array | None = None) -> dict[str, Any]:
+             prompt: jax.Array | None = None, layout: Any = None) -> dict[str, Any]:
     """Generates sample_cfg.batch_size rows with the configured decoder of the method's family.
 
     The decoder and its options are checked first (`decoders.check_options`), so a notebook
-    call refuses what the command line refuses. Returns the decoder's output dict (tokens,
-    nfe, ...) plus prompt_len and gen_len.
+    call refuses what the command line refuses. `layout` (instead of `prompt`) conditions each
+    row separately: a `sampling.common.MaskedLayout` for masked decoders, a
+    `methods.did.sampler.GapLayout` for the insertion decoder (prompts of different lengths,
+    infilling). Returns the decoder's output dict (tokens, nfe, ...) plus prompt_len and gen_len.
     """
     decoder = decoders.check_options(sample_cfg, self.family, self.default_decoder)
-    return decoder.sample(self, params, key, sample_cfg, prompt)
+    if layout is None:
+      return decoder.sample(self, params, key, sample_cfg, prompt)
+    return decoder.sample(self, params, key, sample_cfg, prompt, layout=layout)

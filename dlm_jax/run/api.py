@@ -3,6 +3,8 @@
     import dlm_jax
     run = dlm_jax.load("/path/to/workdir")          # newest checkpoint, EMA params
     texts = run.sample_text(num_samples=4)           # decoded samples
+    run.sample(prompts=["In the beginning", "And"])  # completions of each prompt
+    run.infill("The [[6]] sat on the [[2]].")        # MDLM; DID: "The [[*]] sat on the [[*]]."
     run.loss(["In the beginning ..."])              # NELBO per token (nats) per text
     run.logits(tokens, sigma)                       # raw network output [B, L, V] (before SUBS)
 
@@ -26,6 +28,7 @@ from dlm_jax import parallel
 from dlm_jax import paths
 from dlm_jax.run import checkpoint as ckpt_lib
 from dlm_jax.run import experiment as exp_lib
+from dlm_jax.run import prompts as prompts_lib
 from dlm_jax.sampling import common
 from dlm_jax.sampling import decoders
 
@@ -73,23 +76,58 @@ class LoadedRun:
   def mesh(self) -> jax.sharding.Mesh:
     return self.experiment.mesh
 
-  def sample(self, num_samples: int | None = None, seed: int | None = None,
-             prompt: str | None = None, **overrides: Any) -> dict[str, Any]:
-    """Draws samples; overrides are config.sample fields (decoder, num_steps, tau, ...).
-
-    `seed` None uses config.sample.seed.
-
-    Returns the method's output dict (tokens, nfe, ...) as numpy plus 'texts'.
-    """
+  def _sample_cfg(self, overrides: dict[str, Any]) -> ml_collections.ConfigDict:
     s = ml_collections.ConfigDict(self.config.sample.to_dict())
     for k, v in overrides.items():
       if k not in s:
         raise KeyError(f"Unknown sample option {k!r}; known: {sorted(s.keys())}.")
       s[k] = v
+    return s
+
+  def sample(self, num_samples: int | None = None, seed: int | None = None,
+             prompt: str | None = None, prompts: Sequence[Any] | None = None,
+             **overrides: Any) -> dict[str, Any]:
+    """Draws samples; overrides are config.sample fields (decoder, num_steps, tau, ...).
+
+    `seed` None uses config.sample.seed.
+
+    Decoders run their fast path (the output head only where a token is drawn) unless
+    `reference=True`. With `prompts` (strings, or dicts as in a prompts file:
+    {"prompt": ...} / {"infill": template, "id": ...}) every prompt gets `num_samples`
+    completions (default 1) and the result is `prompts.generate`'s: records (prompt,
+    completion, text, decoder, nfe), texts, completions. Otherwise returns the method's output
+    dict (tokens, nfe, ...) as numpy plus 'texts'.
+    """
+    s = self._sample_cfg(overrides)
+    if prompts is not None:
+      if prompt is not None:
+        raise ValueError("give either prompt= (one prefix) or prompts= (a list), not both.")
+      s.num_samples = 1 if num_samples is None else num_samples
+      return prompts_lib.generate(self, prompts, s, seed=s.seed if seed is None else seed)
     if num_samples is not None:
       s.num_samples = num_samples
       s.batch_size = min(s.batch_size, num_samples) if s.batch_size else num_samples
     return sample_batches(self, s, seed=seed, prompt_text=prompt)
+
+  def infill(self, template: str | Sequence[str] | None = None, *, text: str | None = None,
+             spans: Sequence[tuple[int, int, Any]] | None = None, num_samples: int = 1,
+             seed: int | None = None, **overrides: Any) -> dict[str, Any]:
+    """Fills the marked spans of a template (or of `text` at character ranges `spans`).
+
+    Template syntax (`dlm_jax.sampling.templates`): "[[N]]" a span of exactly N tokens (MDLM
+    decoders), "[[*]]" a gap open to insertions (DID), "\\[[" a literal "[[". `spans` are
+    (start, end, n_tokens) character ranges of `text` replaced by a span (n_tokens None for
+    DID); ranges that overlap or exceed the text are refused, naming the span. Text outside
+    the spans is never changed. `seed` None uses config.sample.seed.
+
+    Returns:
+      `prompts.generate`'s dict: records with the completion of each span (a list of strings)
+      and the whole text, per template and sample.
+    """
+    s = self._sample_cfg(overrides)
+    s.num_samples = num_samples
+    items = prompts_lib.infill_items(template, text, spans, self.method.family)
+    return prompts_lib.generate(self, items, s, seed=s.seed if seed is None else seed)
 
   def sample_text(self, num_samples: int = 4, seed: int | None = None,
                   **overrides: Any) -> list[str]:

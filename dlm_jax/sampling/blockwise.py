@@ -24,7 +24,8 @@ import jax.numpy as jnp
 
 from dlm_jax.config import ConfigError
 import dlm_jax.sampling.r2 as r2_lib
-from dlm_jax.sampling.common import DecodeResult, categorical_f64
+from dlm_jax.sampling import sparse
+from dlm_jax.sampling.common import DecodeResult, MaskedLayout, categorical_f64, categorical_inverse_cdf
 from dlm_jax.sampling.decoders import masked_decoder, register
 
 LogitsFn = Callable[[jax.Array], jax.Array]
@@ -72,20 +73,103 @@ def _block_update(x: jax.Array, upd: jax.Array, start: jax.Array) -> jax.Array:
   return jax.vmap(one)(x, upd, start)
 
 
-def _decode(logits_fn: LogitsFn, prompt_tokens: jax.Array, gen_len: int, block_len: int,
-            mask_id: int, policy: str, *, steps_per_block: int = 0, tau: float = 0.9,
-            temperature: float = 0.0, key: Optional[jax.Array] = None,
-            r2: Optional[r2_lib.R2Config] = None, max_passes: Optional[int] = None
-            ) -> DecodeResult:
-  """Shared decode loop; `policy` is "fixed_k" or "threshold"."""
-  prompt_tokens = jnp.asarray(prompt_tokens, jnp.int32)
-  b, p = prompt_tokens.shape
-  g, lb = gen_len, block_len
+def _rows_take(x: jax.Array, pos: jax.Array) -> jax.Array:
+  """x [B, L, ...] at per-row positions pos [B, K] (clamped) -> [B, K, ...]."""
+  pos = jnp.minimum(pos, x.shape[1] - 1)
+  return jax.vmap(lambda row, p: jnp.take(row, p, axis=0))(x, pos)
+
+
+def _rows_set(x: jax.Array, pos: jax.Array, values: jax.Array) -> jax.Array:
+  """x [B, L] with x[b, pos[b, k]] = values[b, k]; positions >= L are dropped."""
+  return jax.vmap(lambda row, p, v: row.at[p].set(v, mode="drop"))(x, pos, values)
+
+
+# (tokens [B, L], active [B], pos [B, Lb], m0 [B, Lb], pass index) -> (yhat, conf) [B, Lb]
+PredictFn = Callable[[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array],
+                     tuple[jax.Array, jax.Array]]
+
+
+def _reference_predict(logits_fn: LogitsFn, mask_id: int, temperature: float,
+                       key: jax.Array) -> PredictFn:
+  """yhat and c of the active block from the full [B, L, V] logits (the reference path)."""
+
+  def predict(tokens, active, pos, m0, it):
+    del active, m0
+    logits = logits_fn(tokens)  # [B, L, V]
+    blogits = _rows_take(logits, pos).astype(jnp.float32)  # [B, Lb, V]
+    blogits = blogits.at[..., mask_id].set(-jnp.inf)
+    logp = jax.nn.log_softmax(blogits, axis=-1)
+    if temperature > 0.0:
+      yhat = categorical_f64(jax.random.fold_in(key, it), blogits / temperature)
+    else:
+      yhat = jnp.argmax(logp, axis=-1).astype(jnp.int32)
+    conf = jnp.exp(jnp.take_along_axis(logp, yhat[..., None], axis=-1)[..., 0])  # [B, Lb]
+    return yhat, conf
+
+  return predict
+
+
+def _fast_predict(denoiser: sparse.Denoiser, valid: jax.Array, mask_id: int, temperature: float,
+                  key: jax.Array, budget: int) -> PredictFn:
+  """yhat and c of the active block with the head only at its masked slots (the fast path).
+
+  The trunk runs for the samples still decoding (gathered into a sub-batch); the head, its
+  softmax and argmax run on the masked slots of each sample's active block, `budget` rows at a
+  time.
+  """
+
+  def predict(tokens, active, pos, m0, it):
+    b, length = tokens.shape
+    lb = pos.shape[1]
+    h0 = jax.eval_shape(denoiser.features, tokens, valid)
+    h = sparse.refresh_rows(lambda inp: denoiser.features(*inp).astype(h0.dtype),
+                            (tokens, valid), active, jnp.zeros(h0.shape, h0.dtype))
+    h_flat = h.reshape(b * length, -1)
+    rows_pos = (jnp.arange(b, dtype=jnp.int32)[:, None] * length
+                + jnp.minimum(pos, length - 1)).reshape(-1)  # [B * Lb] flat positions
+    n = b * lb
+
+    def body(c, idx, ok, carry):
+      yhat, conf = carry
+      src = jnp.take(rows_pos, jnp.minimum(idx, n - 1))
+      logits = denoiser.head(jnp.take(h_flat, src, axis=0)).astype(jnp.float32)  # [K, V]
+      logits = logits.at[:, mask_id].set(-jnp.inf)
+      logp = jax.nn.log_softmax(logits, axis=-1)
+      if temperature > 0.0:
+        y = categorical_inverse_cdf(jax.random.fold_in(jax.random.fold_in(key, it), c),
+                                    logits / temperature)
+      else:
+        y = jnp.argmax(logp, axis=-1).astype(jnp.int32)
+      cf = jnp.exp(jnp.take_along_axis(logp, y[:, None], axis=-1)[:, 0])
+      dst = jnp.where(ok, idx, n)
+      return (yhat.at[dst].set(y, mode="drop"), conf.at[dst].set(cf, mode="drop"))
+
+    init = (jnp.zeros((n,), jnp.int32), jnp.zeros((n,), jnp.float32))
+    yhat, conf = sparse.for_selected_rows(m0.reshape(-1), budget, body, init)
+    return yhat.reshape(b, lb), conf.reshape(b, lb)
+
+  return predict
+
+
+def _decode_slots(predict: PredictFn, tokens0: jax.Array, gen_pos: jax.Array, gen_ok: jax.Array,
+                  block_len: int, mask_id: int, policy: str, *, steps_per_block: int = 0,
+                  tau: float = 0.9, key: Optional[jax.Array] = None,
+                  r2: Optional[r2_lib.R2Config] = None, max_passes: Optional[int] = None
+                  ) -> DecodeResult:
+  """Shared decode loop over generated slots; `policy` is "fixed_k" or "threshold".
+
+  Args:
+    predict: gives yhat and c for the slots of each sample's active block.
+    tokens0: [B, L] int32 start (mask_id at the slots to generate).
+    gen_pos: [B, G] int32 positions of the generated slots in decoding order (blocks of
+      `block_len` consecutive entries); entries with gen_ok False are ignored.
+    gen_ok: [B, G] bool.
+  """
+  b, g = gen_pos.shape
+  lb = block_len
   n_blocks = g // lb
   # Every pass commits >= 1 slot, so G passes always finish a sample.
   cap = g if max_passes is None else min(int(max_passes), g)
-  tokens0 = jnp.concatenate([prompt_tokens, jnp.full((b, g), mask_id, jnp.int32)], axis=1)
-  offs = jnp.arange(lb, dtype=jnp.int32)
   if key is None:
     key = jax.random.PRNGKey(0)
 
@@ -102,30 +186,24 @@ def _decode(logits_fn: LogitsFn, prompt_tokens: jax.Array, gen_len: int, block_l
       it=jnp.zeros((), jnp.int32),
   )
 
+  def gen_mask(tokens):
+    return (_rows_take(tokens, gen_pos) == mask_id) & gen_ok  # [B, G]
+
   def active_of(st):
-    gmask = st["tokens"][:, p:] == mask_id
-    return jnp.any(gmask, axis=-1) & (st["nfe"] < cap)
+    return jnp.any(gen_mask(st["tokens"]), axis=-1) & (st["nfe"] < cap)
 
   def cond(st):
     return jnp.any(active_of(st)) & (st["it"] < cap)
 
   def body(st):
     tokens = st["tokens"]
-    gmask = tokens[:, p:] == mask_id  # [B, G]
-    active = active_of(st)
+    gmask = gen_mask(tokens)  # [B, G]
+    active = jnp.any(gmask, axis=-1) & (st["nfe"] < cap)
     blk = jnp.argmax(jnp.any(gmask.reshape(b, n_blocks, lb), axis=-1), axis=-1).astype(jnp.int32)
-    gstart = blk * lb  # [B] offset inside the generated region
-    logits = logits_fn(tokens)  # [B, P+G, V]
-    blogits = _block_slice(logits, p + gstart, lb).astype(jnp.float32)  # [B, Lb, V]
-    blogits = blogits.at[..., mask_id].set(-jnp.inf)
-    logp = jax.nn.log_softmax(blogits, axis=-1)
-    if temperature > 0.0:
-      kk = jax.random.fold_in(key, st["it"])
-      yhat = categorical_f64(kk, blogits / temperature)
-    else:
-      yhat = jnp.argmax(logp, axis=-1).astype(jnp.int32)
-    conf = jnp.exp(jnp.take_along_axis(logp, yhat[..., None], axis=-1)[..., 0])  # [B, Lb]
+    gstart = blk * lb  # [B] offset inside the generated slots
+    pos = _block_slice(gen_pos, gstart, lb)  # [B, Lb] sequence positions of the block
     m0 = _block_slice(gmask, gstart, lb) & active[:, None]
+    yhat, conf = predict(tokens, active, pos, m0, st["it"])
 
     tracker = st["tracker"]
     new_block = blk != st["cur_block"]
@@ -158,8 +236,8 @@ def _decode(logits_fn: LogitsFn, prompt_tokens: jax.Array, gen_len: int, block_l
     any_c = jnp.any(commits, axis=1)  # [B, Lb]
     rule = jnp.where(any_c, jnp.argmax(commits, axis=1), -1).astype(jnp.int8)
 
-    old_btok = _block_slice(tokens, p + gstart, lb)
-    tokens = _block_update(tokens, jnp.where(any_c, yhat, old_btok), p + gstart)
+    length = tokens.shape[1]
+    tokens = _rows_set(tokens, jnp.where(any_c, pos, length), yhat)
     step_now = jnp.broadcast_to(st["nfe"][:, None], any_c.shape)
     cs = _block_update(st["commit_step"], jnp.where(
         any_c, step_now, _block_slice(st["commit_step"], gstart, lb)), gstart)
@@ -180,6 +258,25 @@ def _decode(logits_fn: LogitsFn, prompt_tokens: jax.Array, gen_len: int, block_l
   out = jax.lax.while_loop(cond, body, state)
   return DecodeResult(tokens=out["tokens"], nfe=out["nfe"], commit_step=out["commit_step"],
                       commit_conf=out["commit_conf"], commit_rule=out["commit_rule"])
+
+
+def _decode(logits_fn: LogitsFn, prompt_tokens: jax.Array, gen_len: int, block_len: int,
+            mask_id: int, policy: str, *, steps_per_block: int = 0, tau: float = 0.9,
+            temperature: float = 0.0, key: Optional[jax.Array] = None,
+            r2: Optional[r2_lib.R2Config] = None, max_passes: Optional[int] = None
+            ) -> DecodeResult:
+  """The reference decode of a prefix prompt: full logits every pass."""
+  prompt_tokens = jnp.asarray(prompt_tokens, jnp.int32)
+  b, p = prompt_tokens.shape
+  tokens0 = jnp.concatenate([prompt_tokens, jnp.full((b, gen_len), mask_id, jnp.int32)], axis=1)
+  gen_pos = jnp.broadcast_to(p + jnp.arange(gen_len, dtype=jnp.int32), (b, gen_len))
+  gen_ok = jnp.ones((b, gen_len), jnp.bool_)
+  if key is None:
+    key = jax.random.PRNGKey(0)
+  predict = _reference_predict(logits_fn, mask_id, temperature, key)
+  return _decode_slots(predict, tokens0, gen_pos, gen_ok, block_len, mask_id, policy,
+                       steps_per_block=steps_per_block, tau=tau, key=key, r2=r2,
+                       max_passes=max_passes)
 
 
 def decode_fixed_k(logits_fn: LogitsFn, prompt_tokens: jax.Array, gen_len: int, block_len: int,
@@ -257,6 +354,92 @@ def decode_threshold(logits_fn: LogitsFn, prompt_tokens: jax.Array, gen_len: int
                  temperature=temperature, key=key, r2=r2, max_passes=max_passes)
 
 
+# -- the fast path: the head only at the active block's masked slots ---------------------------
+def default_block_budget(batch: int, block_len: int) -> int:
+  """Head rows per chunk of the fast blockwise decoders: half the batch's active-block slots
+  (a block being decoded one slot per pass holds about half its slots masked on average)."""
+  return max(8, -(-(int(batch) * int(block_len)) // 16) * 8)
+
+
+def _check_layout(layout: MaskedLayout, block_len: int) -> None:
+  if block_len < 1:
+    raise ValueError(f"block_len must be >= 1, got {block_len}")
+  if layout.gen_pos.ndim != 2 or layout.gen_pos.shape[1] % block_len:
+    raise ValueError(f"layout.gen_pos must be [B, G] with G a multiple of block_len "
+                     f"({block_len}); got {layout.gen_pos.shape}")
+
+
+def fast_decode(denoiser: sparse.Denoiser, layout: MaskedLayout, block_len: int, mask_id: int,
+                policy: str, *, steps_per_block: int = 0, tau: float = 0.9,
+                temperature: float = 0.0, key: Optional[jax.Array] = None,
+                r2: Optional[r2_lib.R2Config] = None, max_passes: Optional[int] = None,
+                budget: Optional[int] = None) -> DecodeResult:
+  """Blockwise decoding of any `MaskedLayout` with the head only where it is read.
+
+  The commit rules, NFE accounting and results are those of `decode_threshold` /
+  `decode_fixed_k` (given the same model outputs the commits are the same); only the cost
+  differs: the trunk runs for the samples still decoding, and the head, its softmax and argmax
+  only at the masked slots of each sample's active block (`budget` rows per chunk; default
+  `default_block_budget`). Blocks are consecutive runs of `block_len` entries of
+  `layout.gen_pos`; for a prefix prompt that is the usual left-to-right blocks.
+
+  Returns:
+    `DecodeResult` (tokens [B, L]; commit_* indexed by the entries of layout.gen_pos).
+  """
+  _check_layout(layout, block_len)
+  if policy not in ("threshold", "fixed_k"):
+    raise ValueError(f"policy must be 'threshold' or 'fixed_k', got {policy!r}")
+  b = layout.tokens.shape[0]
+  if key is None:
+    key = jax.random.PRNGKey(0)
+  if budget is None:
+    budget = default_block_budget(b, block_len)
+  valid = jnp.asarray(layout.valid, jnp.bool_)
+  tokens0 = jnp.where(jnp.asarray(layout.fill), mask_id, jnp.asarray(layout.tokens, jnp.int32))
+  predict = _fast_predict(denoiser, valid, mask_id, temperature, key, budget)
+  return _decode_slots(predict, tokens0, jnp.asarray(layout.gen_pos, jnp.int32),
+                       jnp.asarray(layout.gen_ok, jnp.bool_), block_len, mask_id, policy,
+                       steps_per_block=steps_per_block, tau=tau, key=key, r2=r2,
+                       max_passes=max_passes)
+
+
+def fast_decode_threshold(denoiser: sparse.Denoiser, layout: MaskedLayout, block_len: int,
+                          tau: float = 0.9, *, mask_id: int, temperature: float = 0.0,
+                          key: Optional[jax.Array] = None, r2: Optional[r2_lib.R2Config] = None,
+                          max_passes: Optional[int] = None,
+                          budget: Optional[int] = None) -> DecodeResult:
+  """`decode_threshold` on a `MaskedLayout`, at the cost of the trunk (see `fast_decode`)."""
+  if not 0.0 < float(tau) <= 1.0:
+    raise ValueError(f"tau must lie in (0, 1], got tau={tau}")
+  if temperature < 0.0:
+    raise ValueError(f"temperature must be >= 0, got {temperature}")
+  if temperature > 0.0 and key is None:
+    raise ValueError("temperature > 0 needs a PRNG key")
+  if max_passes is not None and max_passes < 1:
+    raise ValueError(f"max_passes must be >= 1 or None, got {max_passes}")
+  if r2 is not None:
+    if float(r2.tau) != float(tau):
+      raise ValueError(f"tau ({tau}) and r2.tau ({r2.tau}) disagree; set both to the same value")
+    if r2.token_cluster == "random" and r2.token_cluster_on and key is None:
+      raise ValueError("r2.token_cluster='random' needs a PRNG key")
+  return fast_decode(denoiser, layout, block_len, mask_id, "threshold", tau=tau,
+                     temperature=temperature, key=key, r2=r2, max_passes=max_passes,
+                     budget=budget)
+
+
+def fast_decode_fixed_k(denoiser: sparse.Denoiser, layout: MaskedLayout, block_len: int,
+                        steps: int, mask_id: int, budget: Optional[int] = None) -> DecodeResult:
+  """`decode_fixed_k` on a `MaskedLayout`, at the cost of the trunk (see `fast_decode`);
+  `steps` must be a multiple of the number of blocks G / block_len."""
+  _check_layout(layout, block_len)
+  n_blocks = layout.gen_pos.shape[1] // block_len
+  if steps < n_blocks or steps % n_blocks:
+    raise ValueError(f"steps ({steps}) must be a positive multiple of the number of blocks "
+                     f"({n_blocks} blocks of {block_len} generated slots)")
+  return fast_decode(denoiser, layout, block_len, mask_id, "fixed_k",
+                     steps_per_block=steps // n_blocks, budget=budget)
+
+
 # -- the "threshold" and "fixed_k" decoders of masked methods ------------------------------------
 def _check_block(sample_cfg) -> None:
   s = sample_cfg
@@ -285,6 +468,15 @@ def _run_threshold(method, params, key, prompt, gen_len, opts):
               commit_rule=res.commit_rule)
 
 
+def _run_threshold_fast(method, params, key, layout, opts):
+  del key  # greedy, as the reference decoder
+  r2_cfg = r2_lib.R2Config.from_flags(opts["r2"], tau=opts["tau"]) if opts["r2"] else None
+  res = fast_decode_threshold(method.denoiser(params), layout, opts["block_len"],
+                              tau=opts["tau"], mask_id=method.ids.mask, r2=r2_cfg)
+  return dict(tokens=res.tokens, nfe=res.nfe, commit_step=res.commit_step,
+              commit_rule=res.commit_rule)
+
+
 def _run_fixed_k(method, params, key, prompt, gen_len, opts):
   del key
   res = decode_fixed_k(method.logits_fn(params), prompt, gen_len, opts["block_len"],
@@ -293,7 +485,15 @@ def _run_fixed_k(method, params, key, prompt, gen_len, opts):
               commit_rule=res.commit_rule)
 
 
-register(masked_decoder("threshold", _run_threshold, ("block_len", "tau", "r2"), blockwise=True,
-                        check=_check_threshold))
-register(masked_decoder("fixed_k", _run_fixed_k, ("block_len", "num_steps"), blockwise=True,
-                        check=_check_block))
+def _run_fixed_k_fast(method, params, key, layout, opts):
+  del key
+  res = fast_decode_fixed_k(method.denoiser(params), layout, opts["block_len"],
+                            opts["num_steps"], mask_id=method.ids.mask)
+  return dict(tokens=res.tokens, nfe=res.nfe, commit_step=res.commit_step,
+              commit_rule=res.commit_rule)
+
+
+register(masked_decoder("threshold", _run_threshold, ("block_len", "tau", "r2", "reference"),
+                        blockwise=True, check=_check_threshold, run_fast=_run_threshold_fast))
+register(masked_decoder("fixed_k", _run_fixed_k, ("block_len", "num_steps", "reference"),
+                        blockwise=True, check=_check_block, run_fast=_run_fixed_k_fast))

@@ -19,8 +19,10 @@ from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from dlm_jax.config import ConfigError
+from dlm_jax.sampling import common
 
 FAMILIES = ("masked", "insertion", "causal")
 
@@ -118,36 +120,73 @@ def default_prompt(method: Any, batch_size: int, prompt: Any) -> jax.Array:
   return jnp.asarray(prompt, jnp.int32)
 
 
+def _pad_slots(layout: Any, block_len: int) -> Any:
+  """A host layout whose gen_pos / gen_ok are padded to a multiple of block_len."""
+  gen_pos, gen_ok = np.asarray(layout.gen_pos), np.asarray(layout.gen_ok)
+  extra = -gen_pos.shape[1] % int(block_len)
+  if not extra:
+    return layout
+  length = np.asarray(layout.tokens).shape[1]
+  gen_pos = np.pad(gen_pos, ((0, 0), (0, extra)), constant_values=length)
+  gen_ok = np.pad(gen_ok, ((0, 0), (0, extra)), constant_values=False)
+  return layout.replace(gen_pos=gen_pos, gen_ok=gen_ok)
+
+
 def masked_decoder(name: str, run: Callable[..., dict], fields: tuple[str, ...],
-                   blockwise: bool = False, check: Callable[[Any], None] = _no_check) -> Decoder:
-  """A decoder of the "masked" family from its loop.
+                   blockwise: bool = False, check: Callable[[Any], None] = _no_check,
+                   run_fast: Optional[Callable[..., dict]] = None) -> Decoder:
+  """A decoder of the "masked" family from its loops.
 
   `run(method, params, key, prompt [B, P], gen_len, opts: dict) -> dict(tokens, nfe, ...)` is
-  traced under jit once per (options, gen_len); it reads the method's `logits_fn(params)`,
-  `ids.mask` and noise `schedule`. Without sample.gen_len the decoder fills the training length
-  (whole blocks for blockwise decoders).
+  the reference loop (full [B, L, V] logits from `method.logits_fn(params)`), used with
+  sample.reference=True; `run_fast(method, params, key, layout: MaskedLayout, opts)` the default
+  one (the network split at its hidden states, `method.denoiser(params)`), which also takes
+  prompts of different lengths and infilling (`sample(..., layout=...)`). Both are traced under
+  jit once per (options, shapes); they read `ids.mask` and the noise `schedule` of the method.
+  Without sample.gen_len the decoder fills the training length (whole blocks for blockwise
+  decoders).
   """
 
-  def sample(method, params, key, sample_cfg, prompt=None) -> dict:
+  def sample(method, params, key, sample_cfg, prompt=None, layout=None) -> dict:
     s = sample_cfg
-    prompt = default_prompt(method, int(s.batch_size), prompt)
-    p = prompt.shape[1]
-    gen_len = int(s.gen_len)
-    if not gen_len:  # fill the training length; blockwise decoders need whole blocks
-      gen_len = method.config.data.seq_len - p
-      if blockwise:
-        gen_len = max(s.block_len, gen_len // s.block_len * s.block_len)
-    total = p + gen_len
-    if total > method.model_cfg.max_len:
-      raise ValueError(f"prompt ({p}) + sample.gen_len ({gen_len}) = {total} is longer than "
-                       f"model.max_len={method.model_cfg.max_len}.")
-    if blockwise and gen_len % s.block_len:
-      raise ValueError(f"sample.gen_len={gen_len} must be a multiple of sample.block_len="
-                       f"{s.block_len}.")
+    reference = bool(s.get("reference", False)) or run_fast is None
     opts = options_key(s, fields)
-    fn = cached(method, (name, opts, gen_len), lambda: jax.jit(
-        lambda params, key, prompt: run(method, params, key, prompt, gen_len, dict(opts))))
-    out = fn(params, key, prompt)
-    return dict(out, prompt_len=p, gen_len=gen_len)
+    block = int(s.block_len) if blockwise else 1
+    if layout is None:
+      prompt = default_prompt(method, int(s.batch_size), prompt)
+      p = prompt.shape[1]
+      gen_len = int(s.gen_len)
+      if not gen_len:  # fill the training length; blockwise decoders need whole blocks
+        gen_len = method.config.data.seq_len - p
+        if blockwise:
+          gen_len = max(s.block_len, gen_len // s.block_len * s.block_len)
+      total = p + gen_len
+      if total > method.model_cfg.max_len:
+        raise ValueError(f"prompt ({p}) + sample.gen_len ({gen_len}) = {total} is longer than "
+                         f"model.max_len={method.model_cfg.max_len}.")
+      if blockwise and gen_len % s.block_len:
+        raise ValueError(f"sample.gen_len={gen_len} must be a multiple of sample.block_len="
+                         f"{s.block_len}.")
+      if reference:
+        fn = cached(method, (name, opts, gen_len), lambda: jax.jit(
+            lambda params, key, prompt: run(method, params, key, prompt, gen_len, dict(opts))))
+        out = fn(params, key, prompt)
+        return dict(out, prompt_len=p, gen_len=gen_len)
+      layout = common.prefix_layout(np.asarray(prompt), gen_len, method.ids.mask, block)
+    else:
+      if reference:
+        raise ValueError(f"sample.reference=True runs the original {name!r} loop, which takes "
+                         "one prefix prompt; prompts of different lengths and infilling run on "
+                         "the default path (reference=False).")
+      length = np.asarray(layout.tokens).shape[1]
+      if length > method.model_cfg.max_len:
+        raise ValueError(f"the layout has {length} positions, more than model.max_len="
+                         f"{method.model_cfg.max_len}.")
+      layout = _pad_slots(layout, block)
+      p = 0
+    fn = cached(method, (name, opts, "fast"), lambda: jax.jit(
+        lambda params, key, layout: run_fast(method, params, key, layout, dict(opts))))
+    out = fn(params, key, jax.tree.map(jnp.asarray, layout))
+    return dict(out, prompt_len=p, gen_len=layout.gen_len)
 
   return Decoder(name=name, family="masked", sample=sample, check=check, options=fields)

@@ -1,7 +1,9 @@
 """Heavy/light model scheduling for two trained MDLM runs (arXiv 2604.02340).
 
 `scheduled_ancestral_sample` is the pure sampler (the ancestral loop of `dlm_jax.sampling`
-with a per-step model choice); `schedule.py` holds the schedules and `flops.py` their cost.
+with a per-step model choice; `fast_scheduled_ancestral_sample` the same on the fast loop, which
+draws from the same distribution at the cost of the trunks); `schedule.py` holds the schedules
+and `flops.py` their cost.
 This module joins them to restored runs (`dlm_jax.load`):
 
 - `check_pair_configs` / `check_pair_tokenizers`: the two runs must share the method (MDLM) and
@@ -17,7 +19,7 @@ No flags or files here: `dlm_jax/sample.py` is the command-line front end.
 
 from __future__ import annotations
 
-from typing import Any, Optional, Union
+from typing import Any, Optional, Tuple, Union
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +28,7 @@ import numpy as np
 
 from dlm_jax.sampling import ancestral
 from dlm_jax.sampling import common
+from dlm_jax.sampling import sparse
 from dlm_jax.scheduling import schedule as ms
 
 
@@ -158,6 +161,36 @@ def scheduled_ancestral_sample(heavy_fn: ancestral.LogitsFn, light_fn: ancestral
   return tokens, nfe[0], nfe[1]
 
 
+def fast_scheduled_ancestral_sample(heavy: sparse.Denoiser, light: sparse.Denoiser,
+                                    key: jax.Array, is_light, x_init: jax.Array,
+                                    maskable: jax.Array, mask_id: int, num_steps: int,
+                                    schedule: ancestral.Schedule = "loglinear",
+                                    t_final: float = 0.0, use_cache: bool = True,
+                                    final_argmax: bool = False,
+                                    uniforms: Optional[jax.Array] = None
+                                    ) -> Tuple[jax.Array, jax.Array, jax.Array]:
+  """`scheduled_ancestral_sample` on the fast loop (`ancestral.fast_sample_loop`): the same
+  distribution of tokens; a model runs only at steps that reveal a token (a model switch alone
+  costs no pass). With `uniforms` the reveal pattern is the reference's exactly.
+
+  Returns:
+    (tokens [B, L] int32, nfe_heavy [B] int32, nfe_light [B] int32).
+  """
+  if hasattr(is_light, "expand"):
+    is_light = is_light.expand()
+  x_init = jnp.asarray(x_init)
+  maskable = jnp.asarray(maskable)
+  ancestral.check_inputs(x_init, maskable, num_steps, t_final, uniforms)
+  if tuple(np.shape(is_light)) != (int(num_steps),):
+    raise ValueError(f"is_light must have shape [num_steps] = ({num_steps},), "
+                     f"got {tuple(np.shape(is_light))}")
+  model_id = jnp.asarray(is_light).astype(jnp.int32)
+  tokens, nfe = ancestral.fast_sample_loop((heavy, light), key, model_id, x_init, maskable,
+                                           mask_id, num_steps, schedule, t_final, use_cache,
+                                           final_argmax, uniforms)
+  return tokens, nfe[0], nfe[1]
+
+
 class ScheduledSampler:
   """Scheduled ancestral sampling with a heavy and a light MDLM method object.
 
@@ -180,6 +213,9 @@ class ScheduledSampler:
     self.suppress_ids = tuple(int(i) for i in suppress_ids)
     self._cache: dict[tuple, Any] = {}
 
+  def _denoiser(self, method: Any, params: Any) -> sparse.Denoiser:
+    return sparse.with_suppressed(method.denoiser(params), self.suppress_ids)
+
   def _fn(self, method: Any, params: Any):
     fn = method.logits_fn(params)
     if not self.suppress_ids:
@@ -198,8 +234,8 @@ class ScheduledSampler:
     return g
 
   def _compiled(self, num_steps: int, gen_len: int, t_final: float, use_cache: bool,
-                crn: bool):
-    key = (num_steps, gen_len, float(t_final), bool(use_cache), crn)
+                crn: bool, reference: bool = False):
+    key = (num_steps, gen_len, float(t_final), bool(use_cache), crn, bool(reference))
     if key in self._cache:
       return self._cache[key]
     mask_id = self.heavy.ids.mask
@@ -209,10 +245,16 @@ class ScheduledSampler:
       b, p = prompt.shape
       x_init = jnp.concatenate([prompt, jnp.full((b, gen_len), mask_id, jnp.int32)], 1)
       maskable = jnp.broadcast_to(jnp.arange(p + gen_len)[None, :] >= p, (b, p + gen_len))
-      tokens, nfe_h, nfe_l = scheduled_ancestral_sample(
-          self._fn(self.heavy, heavy_params), self._fn(self.light, light_params), rng, is_light,
-          x_init, maskable, mask_id, num_steps, schedule=noise, t_final=t_final,
-          use_cache=use_cache, final_argmax=t_final > 0, uniforms=uniforms)
+      if reference:
+        tokens, nfe_h, nfe_l = scheduled_ancestral_sample(
+            self._fn(self.heavy, heavy_params), self._fn(self.light, light_params), rng,
+            is_light, x_init, maskable, mask_id, num_steps, schedule=noise, t_final=t_final,
+            use_cache=use_cache, final_argmax=t_final > 0, uniforms=uniforms)
+      else:
+        tokens, nfe_h, nfe_l = fast_scheduled_ancestral_sample(
+            self._denoiser(self.heavy, heavy_params), self._denoiser(self.light, light_params),
+            rng, is_light, x_init, maskable, mask_id, num_steps, schedule=noise,
+            t_final=t_final, use_cache=use_cache, final_argmax=t_final > 0, uniforms=uniforms)
       return dict(tokens=tokens, nfe=nfe_h + nfe_l, nfe_heavy=nfe_h, nfe_light=nfe_l)
 
     fn = jax.jit(run)
@@ -229,7 +271,8 @@ class ScheduledSampler:
       heavy_params: heavy parameters.
       light_params: light parameters.
       key: PRNG key (with an all-heavy schedule the draws equal `MDLM.sample`'s for this key).
-      sample_cfg: config.sample (batch_size, gen_len, t_final, use_cache).
+      sample_cfg: config.sample (batch_size, gen_len, t_final, use_cache, reference: the
+        original loop instead of the fast one).
       schedule: the schedule; its length is the number of steps T.
       prompt: optional [B, P] int32 prompt (default: BOS only).
       uniforms: optional [T, B, P+G] uniforms for common random numbers across schedules.
@@ -243,7 +286,8 @@ class ScheduledSampler:
     prompt = jnp.asarray(prompt, jnp.int32)
     g = self.gen_len(sample_cfg, prompt.shape[1])
     t = schedule.num_steps
-    fn = self._compiled(t, g, sample_cfg.t_final, sample_cfg.use_cache, uniforms is not None)
+    fn = self._compiled(t, g, sample_cfg.t_final, sample_cfg.use_cache, uniforms is not None,
+                        bool(sample_cfg.get("reference", False)))
     is_light = jnp.asarray(schedule.expand())
     out = fn(heavy_params, light_params, key, prompt, is_light, uniforms)
     return dict(out, prompt_len=prompt.shape[1], gen_len=g)

@@ -247,6 +247,51 @@ class DID(Method):
 
     return fn
 
+  def split_score_fn(self, params: Any, capacity: int, prompt_len: int = 0):
+    """`score_fn` split for the fast decoder: (features, token_log_probs).
+
+    features(tokens [B, C+1], lengths [B] incl. BOS, t [B], open_rows [B, C+1] bool or None)
+      -> (h [B, C+1, d], log_mass [B, C+1] float32), log_mass[r] = log sum_v exp(score[r, v]),
+      the row's insertion mass (computed by the method's head on a one-column vocabulary, so it
+      follows the head's formula); open_rows (default: rows after the prompt) are the gaps that
+      may receive insertions.
+    token_log_probs(h [K, d]) -> [K, V] float32, score[r, v] - log_mass[r]: the head's token
+      distribution (special ids -inf).
+    So score[r, v] = log_mass[r] + token_log_probs(h[r])[v], what `score_fn` gives on open rows.
+    """
+    head = self.head_fn(params)
+    aux_kernel, aux_bias = params["aux_head"]["kernel"], params["aux_head"]["bias"]
+    max_log = float(self.config.did.max_log_count)
+    disallowed = self.disallowed
+
+    def features(tokens, lengths, t, open_rows=None):
+      b, r = tokens.shape
+      idx = jnp.arange(r, dtype=jnp.int32)[None, :]
+      live = idx < lengths[:, None]
+      seg = live.astype(jnp.int32)
+      pos = jnp.broadcast_to(idx, (b, r))
+      opened = (idx >= prompt_len) if open_rows is None else open_rows
+      open_row = live & opened
+      h, _ = self.apply(params, tokens, pos, seg, t, features_only=True)
+      row = (jax.lax.dot_general(h.astype(jnp.float32), aux_kernel.astype(jnp.float32),
+                                 (((2,), (0,)), ((), ())))
+             + aux_bias.astype(jnp.float32)).astype(jnp.float32)[..., 0]
+      one_column = jnp.zeros((b, r, 1), jnp.float32)
+      if self.variant == "variable":
+        log_mass = heads.count_softmax_head(one_column, row, max_log, ())[..., 0]
+      else:
+        n_missing = jnp.broadcast_to((capacity - (lengths - 1)).astype(jnp.float32)[:, None],
+                                     (b, r))
+        log_mass = heads.segment_seqnorm_head(one_column, row, open_row.astype(jnp.int32),
+                                              n_missing, ())[..., 0]
+      return h, log_mass
+
+    def token_log_probs(h_rows):
+      logits = head(h_rows)
+      return heads._token_log_softmax(logits[None], disallowed)[0]  # pylint: disable=protected-access
+
+    return features, token_log_probs
+
   def decode_samples(self, out: dict[str, Any], tokenizer: Any) -> list[str]:
     """Texts of variable-length samples: each row up to its length (special ids dropped by decode)."""
     toks = np.asarray(out["tokens"])
