@@ -69,7 +69,9 @@ def test_unigram_entropy_by_hand():
 
 def test_gen_ppl_refuses_a_judge_that_is_not_autoregressive(judge):
   cfg = tiny_config()
-  fake = types.SimpleNamespace(**dict(vars(judge), config=cfg))
+  # a masked-diffusion run (the check reads the method's family, as the decoders do)
+  fake = types.SimpleNamespace(**dict(vars(judge), config=cfg,
+                                      method=types.SimpleNamespace(family="masked")))
   with pytest.raises(ValueError, match="autoregressive"):
     gen_ppl_lib.judge_nll(fake, ["x"])
 
