@@ -1,7 +1,7 @@
 r"""Compile a config's train and sampling steps for a TPU slice or GPU node you do not have.
 
   python -m dlm_jax.compile --config=configs/did_owt.py --topology=v5e:4x4 [--mfu=0.4] \
-      [--config.mesh.fsdp=4 ...] [--sample=false] [--json=report.json]
+      [--config.mesh.fsdp=4 ...] [--sample=false] [--eval] [--json=report.json]
 
 Builds the exact sharded steps the trainer runs (same code: `run/step.py`) on the target's abstract
 devices, compiles them with the target's compiler on this host (libtpu for TPU targets, the CUDA
@@ -37,6 +37,8 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/
 _TOPOLOGY = flags.DEFINE_string("topology", None, "Compile target: " + hardware.accepted_names())
 _MFU = flags.DEFINE_float("mfu", 0.4, "Model FLOPs utilisation assumed for the step time.")
 _SAMPLE = flags.DEFINE_bool("sample", True, "Also compile the sampling step (config.sample).")
+_EVAL = flags.DEFINE_bool("eval", False, "Also compile the evaluation step (the likelihood bound "
+                          "of one global batch, as the trainer runs it every train.eval_every).")
 _JSON = flags.DEFINE_string("json", None, "Also write the report as JSON to this file.")
 
 
@@ -58,7 +60,8 @@ def main(argv):
   print(f"Compiling {config.method} for {_TOPOLOGY.value} (a full-size step takes minutes on a "
         "few CPU cores)...", flush=True)
   try:
-    report = aot.compile_report(config, _TOPOLOGY.value, mfu=_MFU.value, sample=_SAMPLE.value)
+    report = aot.compile_report(config, _TOPOLOGY.value, mfu=_MFU.value, sample=_SAMPLE.value,
+                                evaluate=_EVAL.value)
   except (config_lib.ConfigError, parallel.MeshError, hardware.TopologyError) as e:
     cli.fail(str(e))
   print(aot.format_report(report), flush=True)

@@ -142,8 +142,8 @@ def build_experiment(config: ml_collections.ConfigDict, topology: str):
 
 
 def compile_report(config: ml_collections.ConfigDict, topology: str, mfu: Optional[float] = 0.4,
-                   sample: bool = True) -> dict[str, Any]:
-  """Compiles the train (and sampling) step of `config` for `topology`; returns the report."""
+                   sample: bool = True, evaluate: bool = False) -> dict[str, Any]:
+  """Compiles the train (and sampling, evaluation) steps of `config` for `topology`."""
   exp, description, devices = build_experiment(config, topology)
   kind = devices[0].device_kind
   chip = hardware.chip_for(kind)
@@ -179,6 +179,9 @@ def compile_report(config: ml_collections.ConfigDict, topology: str, mfu: Option
   if sample:
     smp, _ = _compile("sample", lambda: step_lib.lower_sample_step(exp), usable)
     report["sample"] = dataclasses.asdict(smp) | {"margin": smp.margin}
+  if evaluate:
+    ev, _ = _compile("eval", lambda: step_lib.lower_eval_step(exp), usable)
+    report["eval"] = dataclasses.asdict(ev) | {"margin": ev.margin}
   return report
 
 
@@ -221,7 +224,7 @@ def format_report(r: dict[str, Any]) -> str:
          f"dtype={r['model']['dtype']!r}",
          f"batch: {r['global_batch']} x {r['seq_len']} tokens ({r['per_device_batch']} rows per "
          f"device); network input {r['model_rows']} x {r['model_len']}"]
-  for name in ("train", "sample"):
+  for name in ("train", "eval", "sample"):
     if name not in r:
       continue
     t = r[name]

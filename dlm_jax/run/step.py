@@ -55,6 +55,16 @@ def lower_train_step(exp: exp_lib.Experiment) -> jax.stages.Lowered:
     return train_step.lower(*args)
 
 
+def lower_eval_step(exp: exp_lib.Experiment) -> jax.stages.Lowered:
+  """The trainer's jitted evaluation step (the likelihood bound of one global batch), lowered."""
+  _, eval_step = trainer.jit_steps(exp)
+  batch = {k: v for k, v in abstract_train_batch(exp).items()
+           if k in ("tokens", "segment_ids", "positions")}
+  args = (exp.abstract_state().params, batch, abstract_key(exp.mesh))
+  with parallel.sharding_context(exp.mesh):
+    return eval_step.lower(*args)
+
+
 def lower_sample_step(exp: exp_lib.Experiment,
                       sample_cfg: ml_collections.ConfigDict | None = None) -> jax.stages.Lowered:
   """One call of the configured decoder (its whole loop, `sample.batch_size` rows), lowered.
