@@ -6,6 +6,7 @@ import os
 import pytest
 
 from dlm_jax import hardware
+from dlm_jax import metrics as metrics_lib
 from dlm_jax.models import flops as flops_lib
 from dlm_jax.run import experiment as exp_lib
 from dlm_jax.run import trainer
@@ -30,7 +31,7 @@ def test_step_flops_is_three_forwards_of_the_network_rows():
   assert exp.step_flops() == pytest.approx(3 * 8 * per_seq)
 
 
-def test_trainer_logs_tflops_per_device(tmp_path, capfd):
+def test_trainer_logs_tflops_per_device(tmp_path):
   cfg = tiny_config(train__num_steps=4)
   workdir = str(tmp_path / "run")
   trainer.train(cfg, workdir)
@@ -42,4 +43,13 @@ def test_trainer_logs_tflops_per_device(tmp_path, capfd):
     want = exp.step_flops() * r["train/steps_per_sec"] / 8 / 1e12
     assert r["train/tflops_per_device"] == pytest.approx(want, rel=1e-6)
     assert "train/mfu" not in r  # CPU: no known peak
-  assert "TFLOP/s/dev" in capfd.readouterr().out
+
+
+def test_progress_line_shows_tflops_and_mfu():
+  p = metrics_lib.Progress(100, 0, 1024, enabled=False)
+  rates = dict(steps_per_sec=2.0, tokens_per_sec=2048.0, eta_sec=49.0,
+               **hardware.throughput(8e12, 2.0, 4, 1e13))
+  line = p.line(2, {"loss": 1.0, "lr": 1e-3}, rates)
+  assert "tok/s 2,048 | TFLOP/s/dev 4 | MFU 40.0% | ETA" in line
+  del rates["mfu"]
+  assert "MFU" not in p.line(2, {"loss": 1.0}, rates)
