@@ -622,9 +622,7 @@ def write_markdown(res: dict, path: str) -> None:
 
 
 def make_plots(res: dict, out: str) -> list[str]:
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  plt = metrics_lib.pyplot()  # names the [plots] extra when matplotlib is missing
   paths = []
 
   def save(fig, name):

@@ -26,6 +26,7 @@ sys.path.insert(0, ROOT)
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
+from dlm_jax import metrics as metrics_lib  # noqa: E402
 from dlm_jax.run import api  # noqa: E402
 from dlm_jax.run import trainer  # noqa: E402
 from dlm_jax.evaluation import gen_ppl as gen_ppl_lib  # noqa: E402
@@ -148,9 +149,7 @@ def write_outputs(results: dict, out_dir: str) -> None:
     f.write("\n".join(lines) + "\n")
   print("\n".join(lines), flush=True)
 
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  plt = metrics_lib.pyplot()  # names the [plots] extra when matplotlib is missing
   fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
   for method, color in (("did", "tab:blue"), ("mdlm", "tab:orange")):
     rows = sorted((r for r in tab.values() if r["method"] == method), key=lambda r: r["steps"])

@@ -19,6 +19,8 @@ from absl import app
 from absl import flags
 from absl import logging
 
+from dlm_jax.run import cli
+
 _DATASET = flags.DEFINE_enum("dataset", None, ["openwebtext", "lm1b"], "Corpus to prepare.")
 _SOURCE_DIR = flags.DEFINE_string(
     "source_dir", None, "openwebtext only: folder (or archive) holding your local copy of the corpus.")
@@ -58,6 +60,7 @@ def prepare(dataset: str, *, data_dir: str | None, source_dir: str | None = None
 
 
 def main(argv: list[str]) -> None:
+  cli.quiet_library_logs()
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   try:

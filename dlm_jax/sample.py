@@ -1,14 +1,19 @@
 r"""Sampling entry point: checkpoint -> samples (text), with any decoder.
 
-  python -m dlm_jax.sample --workdir=/tmp/run --set decoder=threshold --set tau=0.9 \
-      --set r2=conf,token,stability --num_samples=8
+  python -m dlm_jax.sample --workdir=/tmp/run --config.sample.decoder=threshold \
+      --config.sample.tau=0.9 --config.sample.r2=conf,token,stability --num_samples=8
+
+Any config.sample field can be overridden as in train (`--config.sample.<field>=value`, typed by
+the schema); the rest of the config is the one saved with the checkpoint. `--set key=value` is
+the deprecated older form (one release). The seed is config.sample.seed (`--seed` sets it too).
 
 Model scheduling (arXiv 2604.02340): a heavy and a light MDLM run of the same data and
 tokenizer, and a schedule of contiguous segments over the ancestral steps (step 0 = noisy start):
 
   python -m dlm_jax.sample --workdir=HEAVY --light_workdir=LIGHT --schedule=L8,H16,L8
 
-The schedule's length sets sample.num_steps (or must equal it when --set num_steps=... is given).
+The schedule's length sets sample.num_steps (or must equal it when --config.sample.num_steps is
+given).
 
 Writes samples.jsonl (one record per sample: text, tokens, NFE) and samples_summary.json
 (decoder settings, NFE, tokens per forward, wall time per sample, commits per R² rule, FLOPs per
@@ -20,8 +25,6 @@ methods or tokenizers) stops with exit status 2 before any sampling.
 from __future__ import annotations
 
 import json
-import os
-import sys
 from typing import Any
 
 from absl import app
@@ -32,6 +35,7 @@ import numpy as np
 from dlm_jax import config as config_lib
 from dlm_jax import methods
 from dlm_jax import metrics as metrics_lib
+from dlm_jax import paths
 from dlm_jax.run import api
 from dlm_jax.run import checkpoint as ckpt_lib
 from dlm_jax.run import cli
@@ -43,12 +47,14 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir to sample from
                                "model when --light_workdir is given).")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: newest).")
 _NUM = flags.DEFINE_integer("num_samples", None, "Overrides config.sample.num_samples.")
-_SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
+_SEED = flags.DEFINE_integer("seed", None, "Sampling seed: sets config.sample.seed (default: "
+                             "the run's config.sample.seed).")
 _OUT = flags.DEFINE_string("out_dir", None, "Where to write samples (default: --workdir).")
 _NO_EMA = flags.DEFINE_bool("no_ema", False, "Use the raw parameters instead of the EMA.")
 _PROMPT = flags.DEFINE_string("prompt", None, "Text prompt (prefix) for conditional sampling.")
 _SET = flags.DEFINE_multi_string(
-    "set", [], "config.sample overrides as key=value, e.g. --set decoder=threshold --set tau=0.8")
+    "set", [], "Deprecated (use --config.sample.<key>=value): config.sample overrides as "
+    "key=value.")
 _LIGHT = flags.DEFINE_string("light_workdir", None,
                              "Workdir of the light model for model scheduling (with --schedule).")
 _LIGHT_STEP = flags.DEFINE_integer("light_step", None, "Checkpoint step of the light model.")
@@ -71,18 +77,20 @@ def _commit_stats(out: dict, n: int) -> dict[str, Any]:
 
 
 def _write(out_dir: str, texts, tokens, nfe, summary: dict) -> None:
-  os.makedirs(out_dir, exist_ok=True)
+  """samples.jsonl and samples_summary.json into out_dir (a local folder or gs://...)."""
   records = [dict(text=t, tokens=[int(x) for x in np.asarray(tk).ravel()], nfe=float(n))
              for t, tk, n in zip(texts, tokens, nfe)]
-  api.write_jsonl(os.path.join(out_dir, "samples.jsonl"), records)
-  with open(os.path.join(out_dir, "samples_summary.json"), "w", encoding="utf-8") as f:
-    json.dump(summary, f, indent=2)
+  api.write_jsonl(paths.join(out_dir, "samples.jsonl"), records)
+  paths.write_text(paths.join(out_dir, "samples_summary.json"), json.dumps(summary, indent=2))
 
 
-def run_sampling(workdir: str, overrides: dict, num_samples: int | None, seed: int,
+def run_sampling(workdir: str, overrides: dict, num_samples: int | None, seed: int | None,
                  out_dir: str | None, step: int | None = None, use_ema: bool = True,
                  prompt: str | None = None) -> dict:
-  """Single-model sampling; returns dict(summary, texts) and writes the two files."""
+  """Single-model sampling; returns dict(summary, texts) and writes the two files.
+
+  `seed` None: config.sample.seed (after `overrides`).
+  """
   base = api.read_run_config(workdir, step)[0]
   s0 = base.sample
   for k, v in overrides.items():
@@ -96,12 +104,14 @@ def run_sampling(workdir: str, overrides: dict, num_samples: int | None, seed: i
   if num_samples is not None:
     s.num_samples = num_samples
     s.batch_size = min(s.batch_size, num_samples)
-  out = api.sample_batches(run, s, seed=seed, prompt_text=prompt)
+  if seed is not None:
+    s.seed = seed
+  out = api.sample_batches(run, s, seed=s.seed, prompt_text=prompt)
   n = len(out["texts"])
   nfe = np.asarray(out["nfe"], np.float64).reshape(n, -1).sum(-1)
   gen = int(out.get("gen_len", 0)) or 1
   summary = dict(step=run.step, decoder=s.decoder, num_steps=s.num_steps, tau=s.tau,
-                 r2=s.r2, num_samples=n, gen_len=gen, mean_nfe=float(nfe.mean()),
+                 r2=s.r2, seed=s.seed, num_samples=n, gen_len=gen, mean_nfe=float(nfe.mean()),
                  total_nfe=float(nfe.sum()),
                  tokens_per_forward=metrics_lib.tokens_per_forward(np.full(n, gen), nfe),
                  wall_sec_per_sample=out["wall_sec"] / max(n, 1), wall_includes_compile=True)
@@ -115,7 +125,7 @@ def run_sampling(workdir: str, overrides: dict, num_samples: int | None, seed: i
 
 
 def run_scheduled_sampling(workdir: str, light_workdir: str, schedule_spec: str, overrides: dict,
-                           num_samples: int | None, seed: int, out_dir: str | None,
+                           num_samples: int | None, seed: int | None, out_dir: str | None,
                            step: int | None = None, light_step: int | None = None,
                            use_ema: bool = True, prompt: str | None = None) -> dict:
   """Heavy/light scheduled ancestral sampling; returns dict(summary, texts), writes files.
@@ -151,8 +161,10 @@ def run_scheduled_sampling(workdir: str, light_workdir: str, schedule_spec: str,
   if prompt or s.prompt:
     ids = [tok.bos_id] + list(tok.encode(prompt or s.prompt))
     prompt_ids = np.tile(np.asarray(ids, np.int32)[None], (s.batch_size, 1))
+  if seed is not None:
+    s.seed = seed
   sampler = scheduled.ScheduledSampler(heavy.method, light.method)
-  out = scheduled.sample_batches(heavy, light, s, schedule, seed=seed, prompt_ids=prompt_ids,
+  out = scheduled.sample_batches(heavy, light, s, schedule, seed=s.seed, prompt_ids=prompt_ids,
                                  sampler=sampler)
   n = out["tokens"].shape[0]
   texts = [tok.decode(list(r)) for r in out["tokens"]]
@@ -162,7 +174,7 @@ def run_scheduled_sampling(workdir: str, light_workdir: str, schedule_spec: str,
   fcfg_l = flops_lib.flops_model_config(light.config, tok.vocab_size, seq)
   flops = flops_lib.flops_report(schedule, fcfg_h, fcfg_l, out["nfe_heavy"], out["nfe_light"])
   gen = int(out["gen_len"])
-  summary = dict(step=heavy.step, light_step=light.step, decoder="ancestral",
+  summary = dict(step=heavy.step, light_step=light.step, decoder="ancestral", seed=s.seed,
                  schedule=str(schedule), num_steps=schedule.num_steps,
                  num_light_steps=schedule.num_light, num_samples=n, gen_len=gen,
                  mean_nfe=float(nfe.mean()), total_nfe=float(nfe.sum()),
@@ -176,32 +188,37 @@ def run_scheduled_sampling(workdir: str, light_workdir: str, schedule_spec: str,
 
 
 def main(argv):
+  cli.quiet_library_logs()
   if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    cli.fail(f"Unexpected arguments: {argv[1:]} (flags need '--name=value').")
   if not _WORKDIR.value:
-    raise app.UsageError("--workdir is required.")
+    cli.fail("--workdir is required (the training --workdir to sample from).")
   if bool(_LIGHT.value) != bool(_SCHEDULE.value):
-    raise app.UsageError("--light_workdir and --schedule go together (model scheduling needs "
-                         "both).")
+    cli.fail("--light_workdir and --schedule go together (model scheduling needs both).")
   # Categorical draws in float64 (spec: float32 Gumbel noise truncates near 15.9 and lowers
   # the effective temperature); training stays float32/bf16.
   jax.config.update("jax_enable_x64", True)
   try:
-    overrides = cli.parse_sample_overrides(_SET.value)
+    overrides = cli.sample_overrides(_SET.value)
+    if _SEED.value is not None:
+      if overrides.get("seed", _SEED.value) != _SEED.value:
+        cli.fail(f"--seed={_SEED.value} and --config.sample.seed={overrides['seed']} disagree; "
+                 "give one of them.")
+      overrides["seed"] = _SEED.value
     if _SCHEDULE.value:
       res = run_scheduled_sampling(_WORKDIR.value, _LIGHT.value, _SCHEDULE.value, overrides,
-                                   _NUM.value, _SEED.value, _OUT.value, _STEP.value,
+                                   _NUM.value, None, _OUT.value, _STEP.value,
                                    _LIGHT_STEP.value, not _NO_EMA.value, _PROMPT.value)
     else:
-      res = run_sampling(_WORKDIR.value, overrides, _NUM.value, _SEED.value, _OUT.value,
+      res = run_sampling(_WORKDIR.value, overrides, _NUM.value, None, _OUT.value,
                          _STEP.value, not _NO_EMA.value, _PROMPT.value)
-  except (config_lib.ConfigError, ckpt_lib.CheckpointError, ValueError, KeyError) as e:
-    print(f"ERROR: {e}", file=sys.stderr, flush=True)
-    sys.exit(2)
+  except (config_lib.ConfigError, ckpt_lib.CheckpointError, ValueError, KeyError,
+          paths.StorageError) as e:
+    cli.fail(str(e))
   for i, t in enumerate(res["texts"]):
     print(f"--- sample {i} ---\n{t}\n")
   print(json.dumps(res["summary"], indent=2))
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=cli.sample_flags_parser("sample"))

@@ -29,12 +29,14 @@ from typing import Any, Sequence
 from absl import app
 from absl import flags
 
+from dlm_jax import paths
 from dlm_jax.config import ConfigError
 from dlm_jax.data.tasks import arith, sft
 from dlm_jax.data.tokenizers import tokenizer_id
 from dlm_jax.run import api
 from dlm_jax.run import checkpoint as ckpt_lib
-from dlm_jax.run.experiment import make_tokenizer
+from dlm_jax.run import cli
+from dlm_jax.run.experiment import make_tokenizer, run_tokenizer
 from dlm_jax.trims import scoring
 
 ScoringError = sft.SFTDataError
@@ -66,7 +68,7 @@ def score_dataset(teacher: Any, data: sft.SFTSet, out: str, *, teacher_workdir: 
   if p + r > teacher.method.model_cfg.max_len:
     raise ScoringError(f"prompt ({p}) + response ({r}) is longer than the teacher's "
                        f"model.max_len = {teacher.method.model_cfg.max_len}.")
-  meta = dict(data=data.spec, teacher_workdir=os.path.abspath(teacher_workdir),
+  meta = dict(data=data.spec, teacher_workdir=paths.absolute(teacher_workdir),
               teacher_step=int(teacher.step), teacher_tokenizer=tokenizer_id(teacher.tokenizer),
               num_examples=n, prompt_len=p, response_len=r, score=score, batch_size=int(batch_size))
   scorer = scoring.make_scorer(teacher.method.logits_fn, teacher.params, batch_size, p, r, score)
@@ -78,7 +80,7 @@ def score_dataset(teacher: Any, data: sft.SFTSet, out: str, *, teacher_workdir: 
 def load_config_file(path: str) -> Any:
   """get_config() of a configs/*.py file given by path."""
   if not os.path.exists(path):
-    raise ScoringError(f"--student_config={path!r} does not exist.")
+    raise ScoringError(f"--student_config={path!r} does not exist.")  # a config is a local .py
   spec = importlib.util.spec_from_file_location("_student_config", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
@@ -92,7 +94,8 @@ def student_tokenizer(student_config: str | None, student_workdir: str | None) -
     return make_tokenizer(cfg), cfg, f"--student_config={student_config}"
   if student_workdir:
     cfg, _ = api.read_run_config(student_workdir)
-    return make_tokenizer(cfg), cfg, f"--student_workdir={student_workdir}"
+    # The tokenizer files saved with the student run (its corpus is not read).
+    return run_tokenizer(student_workdir, cfg), cfg, f"--student_workdir={student_workdir}"
   return None, None, ""
 
 
@@ -143,6 +146,7 @@ _FLAGS: dict[str, Any] = {}
 
 
 def main(argv: Sequence[str]) -> None:
+  cli.quiet_library_logs()
   f = _FLAGS
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
@@ -153,7 +157,8 @@ def main(argv: Sequence[str]) -> None:
     summary = run(f["teacher"].value, f["data"].value, f["out"].value, num_buckets=f["k"].value,
                   batch_size=f["bs"].value, save_every=f["save"].value, score=f["score"].value,
                   student_config=f["sconf"].value, student_workdir=f["swd"].value)
-  except (ScoringError, ConfigError, ckpt_lib.CheckpointError, FileNotFoundError) as e:
+  except (ScoringError, ConfigError, ckpt_lib.CheckpointError, FileNotFoundError,
+          paths.StorageError) as e:
     print(f"ERROR: {e}", file=sys.stderr, flush=True)
     sys.exit(2)
   means = summary["bucket_mean_nll"]

@@ -3,7 +3,8 @@ r"""Training entry point: config -> mesh -> data -> state -> loop. One loop for 
   python -m dlm_jax.train --config=configs/mdlm_tiny.py --workdir=/tmp/run \
       --config.optim.lr=1e-4
 
-Resumes automatically from the newest good checkpoint in --workdir; saves on SIGTERM.
+Resumes automatically from the newest good checkpoint in --workdir; saves on SIGTERM. Takes the
+workdir's lease first: a second trainer on the same workdir stops at once (see --takeover).
 """
 
 from __future__ import annotations
@@ -16,8 +17,10 @@ from ml_collections import config_flags
 
 from dlm_jax import config as config_lib
 from dlm_jax import parallel
+from dlm_jax import paths
 from dlm_jax.run import checkpoint as ckpt_lib
 from dlm_jax.run import cli
+from dlm_jax.run import lease as lease_lib
 from dlm_jax.run import trainer
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).",
@@ -29,9 +32,13 @@ _PID = flags.DEFINE_integer("process_id", None, "This process's index (multi-hos
 _STOP_AFTER = flags.DEFINE_integer("stop_after_steps", None,
                                    "Stop (with a checkpoint) after this many steps of this run; "
                                    "for tests and time-sliced jobs.")
+_TAKEOVER = flags.DEFINE_bool("takeover", False,
+                              "Take the workdir's lease even if another trainer holds it and "
+                              "renews it (that trainer then stops without saving again).")
 
 
 def main(argv):
+  cli.quiet_library_logs()
   if len(argv) > 1:
     cli.fail(f"Unexpected arguments: {argv[1:]} (flags need '--name=value').")
   try:
@@ -50,9 +57,10 @@ def main(argv):
   except ValueError as e:
     cli.fail(str(e))
   try:
-    trainer.train(_CONFIG.value, _WORKDIR.value, _STOP_AFTER.value)
+    trainer.train(_CONFIG.value, _WORKDIR.value, _STOP_AFTER.value, takeover=_TAKEOVER.value)
   except (config_lib.ConfigError, parallel.MeshError, ckpt_lib.CheckpointError,
-          trainer.NonFiniteLossError, trainer.DataError, FileNotFoundError) as e:
+          trainer.NonFiniteLossError, trainer.DataError, FileNotFoundError,
+          lease_lib.LeaseError, paths.StorageError) as e:
     # Errors a user can cause and fix: one clear message (the first line says what to change),
     # exit status 2, nothing already saved is lost.
     cli.fail(str(e))

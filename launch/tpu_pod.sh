@@ -45,7 +45,8 @@ Options:
   --venv=DIR                virtualenv on the workers (default: \$HOME/dlm-jax-venv)
   --log_dir=DIR             log directory on the workers (default: \$HOME/dlm-jax-logs)
                             (remote paths are expanded on the workers and must not contain spaces)
-  --extras=EXTRAS           pip extras to install (default: tfds)
+  --extras=EXTRAS           pip extras to install besides gcp (default: tfds); gcp (the GCS client
+                            libraries for the gs:// workdir) is always installed
   --jax_spec=SPEC           JAX requirement installed on the workers (default: jax[tpu]==0.10.2)
   --env=KEY=VALUE           environment variable for the trainer, repeatable
   --skip_setup              with --action=up: do not copy/install (slice already set up)
@@ -183,6 +184,13 @@ if [[ "${ACTION}" == "up" || "${ACTION}" == "run" ]]; then
   fi
 fi
 
+# The workdir is gs://, so the GCS client libraries (the [gcp] extra) are always installed.
+case ",${EXTRAS}," in
+  *,gcp,*) INSTALL_EXTRAS="${EXTRAS}" ;;
+  ,,) INSTALL_EXTRAS="gcp" ;;
+  *) INSTALL_EXTRAS="${EXTRAS},gcp" ;;
+esac
+
 if [[ -z "${VERSION}" ]]; then
   case "${ACCEL}" in
     v5litepod-*|v5e-*) VERSION="v2-alpha-tpuv5-lite" ;;
@@ -288,7 +296,7 @@ setup_workers() {
   remote+="rm -rf ${REMOTE_DIR} && mkdir -p ${REMOTE_DIR} && tar -xzf \$HOME/dlm-jax.tar.gz -C ${REMOTE_DIR}; "
   remote+="[ -x ${VENV}/bin/python ] || python3 -m venv ${VENV}; "
   remote+="${VENV}/bin/pip install -q -U pip; "
-  remote+="${VENV}/bin/pip install -q -e \"${REMOTE_DIR}[${EXTRAS}]\" \"${JAX_SPEC}\""
+  remote+="${VENV}/bin/pip install -q -e \"${REMOTE_DIR}[${INSTALL_EXTRAS}]\" \"${JAX_SPEC}\""
   remote+=" -f https://storage.googleapis.com/jax-releases/libtpu_releases.html; "
   remote+="${VENV}/bin/python -c 'import jax, dlm_jax; print(\"worker ok: jax\", jax.__version__)'"
   ssh_workers all "${remote}"

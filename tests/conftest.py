@@ -19,3 +19,18 @@ import pytest  # noqa: E402
 
 def pytest_configure(config):
   config.addinivalue_line("markers", "slow: slower tests (still run in CI)")
+
+
+@pytest.fixture(scope="session")
+def gcs_emulator():
+  """A local GCS JSON API (tests/gcs_emulator.py) for this pytest process, started on first use.
+
+  One per process: tensorstore (Orbax's array data) reads TENSORSTORE_GCS_HTTP_URL once per
+  process, so every gs:// test of the process shares this server (each under its own prefix).
+  The variables that point the clients at it are set here, before any GCS client is made.
+  """
+  from tests.gcs_emulator import Emulator  # pylint: disable=g-import-not-at-top
+  emu = Emulator()
+  os.environ.update(emu.env)
+  yield emu
+  emu.stop()

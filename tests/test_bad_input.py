@@ -139,7 +139,8 @@ def test_init_from_a_workdir_without_checkpoints(tmp_path):
   empty.mkdir()
   with pytest.raises(ckpt_lib.CheckpointError) as e:
     trainer.train(tiny_config(train__init_from=str(empty)), str(tmp_path / "new"))
-  assert str(e.value).startswith(f"No checkpoint found in {empty}/checkpoints")
+  assert str(e.value).startswith(f"config.train.init_from='{empty}': {empty} has no checkpoints/")
+  assert not (empty / "checkpoints").exists()  # read-only: nothing created in the other run
 
 
 def test_load_a_folder_that_is_not_a_workdir(tmp_path):

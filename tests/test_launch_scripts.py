@@ -180,7 +180,8 @@ def test_tpu_dry_run_prints_the_gcloud_commands(fakes):
   assert "--worker=all" in scp and "--worker=all" in setup and "--worker=all" in launch
   assert "--worker=0" in stream
   setup_cmd = next(a for a in setup if a.startswith("--command="))
-  assert "pip install" in setup_cmd and "[tfds]" in setup_cmd and "jax[tpu]==0.10.2" in setup_cmd
+  # The gs:// workdir needs the GCS client libraries: the [gcp] extra is always installed.
+  assert "pip install" in setup_cmd and "[tfds,gcp]" in setup_cmd and "jax[tpu]==0.10.2" in setup_cmd
   launch_cmd = next(a for a in launch if a.startswith("--command="))[len("--command="):]
   for piece in ("-m dlm_jax.train", "--config=configs/did_owt.py", "--workdir=gs://bucket/run",
                 "--config.optim.lr=1e-4", "--config.mesh.fsdp=4", "nohup", "train.log"):
@@ -191,6 +192,18 @@ def test_tpu_dry_run_prints_the_gcloud_commands(fakes):
     assert check.returncode == 0, (cmd, check.stderr)
   # The package is shipped as a tarball of the working tree.
   assert any(c[0] == "tar" and "-czf" in c for c in cmds)
+
+
+@pytest.mark.parametrize("extras,installed", [("--extras=tfds,gcp", "[tfds,gcp]"),
+                                               ("--extras=gcp", "[gcp]"),
+                                               ("--extras=tfds", "[tfds,gcp]")])
+def test_tpu_always_installs_the_gcp_extra(fakes, extras, installed):
+  result = _run([TPU] + TPU_ARGS[:-3] + [extras] + TPU_ARGS[-3:], fakes["env"])
+  assert result.returncode == 0, result.stderr
+  setup = [c for c in _commands(result.stdout) if c[:5] == ["gcloud", "compute", "tpus", "tpu-vm",
+                                                            "ssh"]][0]
+  setup_cmd = next(a for a in setup if a.startswith("--command="))
+  assert f"dlm-jax{installed}" in setup_cmd, setup_cmd
 
 
 def test_tpu_dry_run_v5e_runtime_and_project(fakes):

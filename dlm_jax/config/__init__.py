@@ -10,11 +10,11 @@ checked against their registries by `dlm_jax.run.experiment.validate_config`, wh
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any
 
 import ml_collections
 
+from dlm_jax import paths
 from dlm_jax.config import schema
 from dlm_jax.config.schema import ALIASES, LEGACY_VALUES
 
@@ -24,6 +24,7 @@ CHOICES = {
     "model.dtype": ("float32", "bfloat16"),
     "model.position_embedding": ("rope", "learned"),
     "model.remat": ("none", "full", "attention", "dots"),
+    "model.rope_freqs": ("neg_power", "reciprocal"),
     "diffusion.schedule": ("loglinear", "cosine"),
     "diffusion.time_sampling": ("stratified", "vdm", "iid", "example"),
     "diffusion.normalize": ("token", "sequence", "sum"),
@@ -169,13 +170,15 @@ def from_saved(saved: Any) -> ml_collections.ConfigDict:
 
 
 def validate(config: ml_collections.ConfigDict, *, num_data_parallel: int | None = None,
-             process_count: int = 1) -> None:
+             process_count: int = 1, check_files: bool = True) -> None:
   """Checks names, types and values of the plug-in-independent fields; raises ConfigError.
 
   Args:
     config: the full config (deprecated aliases are moved first).
     num_data_parallel: data x fsdp size of the mesh (the batch must divide over it).
     process_count: number of JAX processes (the batch must divide over them).
+    check_files: check that files the config names exist (False for a saved run opened with
+      its own tokenizer files).
   """
   apply_aliases(config)
   apply_legacy_values(config)
@@ -197,6 +200,7 @@ def validate(config: ml_collections.ConfigDict, *, num_data_parallel: int | None
   require((m.d_model // m.num_heads) % 2 == 0, "model.num_heads",
           "head dimension d_model/num_heads must be even for RoPE.")
   require(0.0 <= m.dropout < 1.0, "model.dropout", "must be in [0, 1).")
+  require(m.ln_eps > 0, "model.ln_eps", "must be positive.")
   require(0.0 <= t.eps < 1.0, "diffusion.eps", "must be in [0, 1).")
   require(0.0 < t.t_min < 1.0, "diffusion.t_min", "must be in (0, 1).")
   require(t.eval_num_t >= 1, "diffusion.eval_num_t", "must be >= 1.")
@@ -204,19 +208,33 @@ def validate(config: ml_collections.ConfigDict, *, num_data_parallel: int | None
   require(o.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0.")
   require(0.0 <= o.ema_decay < 1.0, "optim.ema_decay", "must be in [0, 1).")
   require(o.grad_clip >= 0, "optim.grad_clip", "must be >= 0 (0 disables clipping).")
+  k = o.grad_accum_steps
+  require(k >= 1, "optim.grad_accum_steps", "must be >= 1 (1 = no accumulation).")
+  require(tr.global_batch_size % k == 0, "optim.grad_accum_steps",
+          f"{k} does not divide train.global_batch_size={tr.global_batch_size} (each update "
+          "splits the global batch into grad_accum_steps micro-batches).")
   require(tr.global_batch_size > 0, "train.global_batch_size", "must be positive.")
   require(tr.num_steps > 0, "train.num_steps", "must be positive.")
-  for f in ("log_every", "eval_every", "ckpt_every", "keep_ckpts"):
+  for f in ("log_every", "eval_every", "ckpt_every", "keep_ckpts", "lease_stale_secs"):
     require(tr[f] > 0, f"train.{f}", "must be positive.")
+  require(tr.keep_period >= 0, "train.keep_period",
+          "must be >= 0 (0 keeps only the newest train.keep_ckpts checkpoints).")
   if num_data_parallel:
     require(tr.global_batch_size % num_data_parallel == 0, "train.global_batch_size",
             f"{tr.global_batch_size} is not divisible by the {num_data_parallel} data-parallel "
             "devices (mesh data x fsdp).")
+    micro = tr.global_batch_size // k
+    require(k == 1 or micro % num_data_parallel == 0, "optim.grad_accum_steps",
+            f"the micro-batch of {micro} rows (train.global_batch_size={tr.global_batch_size} / "
+            f"{k}) is not divisible by the {num_data_parallel} data-parallel devices (mesh data x "
+            "fsdp); use fewer accumulation steps or a larger batch.")
   require(tr.global_batch_size % process_count == 0, "train.global_batch_size",
           f"{tr.global_batch_size} is not divisible by the {process_count} processes.")
   if d.tokenizer.startswith("file:"):
     path = d.tokenizer[len("file:"):]
-    require(os.path.exists(path), "data.tokenizer", f"tokenizer file {path!r} does not exist.")
+    # (A saved run reads its tokenizer from the workdir: check_files=False skips this.)
+    require(not check_files or paths.exists(path), "data.tokenizer",
+            f"tokenizer file {path!r} does not exist.")
   elif d.tokenizer not in ("gpt2", "bpe", "bytes"):
     raise ConfigError(f"config.data.tokenizer={d.tokenizer!r}; choose gpt2, bpe, bytes or "
                       "file:/path/to/tokenizer.json.")

@@ -66,6 +66,13 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.rope_theta = 10000.0
   c.model.position_embedding = "rope"  # rope | learned (absolute positions, as in spec/trims.md's toy)
   c.model.tie_embeddings = False
+  # What the published PyTorch MDLM DiT has (python -m dlm_jax.import_mdlm sets these; the
+  # defaults are the dlm-jax network):
+  c.model.adaln_always = False         # time MLP + adaLN even when time_conditioning is off (t = 0)
+  c.model.ln_scale_with_adaln = False  # LayerNorms keep their learned scale under adaLN too
+  c.model.ln_eps = 1e-6
+  c.model.ln_fast_variance = True      # E[x^2] - E[x]^2; False: two-pass E[(x - mean)^2] (torch)
+  c.model.rope_freqs = "neg_power"     # neg_power: theta^(-2i/D) | reciprocal: 1/theta^(2i/D) (torch)
 
   # Masked diffusion (MDLM and the shared noise/time settings of every diffusion method).
   c.diffusion = ml_collections.ConfigDict()
@@ -108,6 +115,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.optim.eps = 1e-8
   c.optim.grad_clip = 1.0
   c.optim.ema_decay = 0.9999  # 0 disables EMA
+  c.optim.ema_warmup = False  # decay at update n: min(ema_decay, (1 + n) / (10 + n))
+  c.optim.grad_accum_steps = 1  # micro-batches per update: global_batch_size rows in k slices
 
   c.train = ml_collections.ConfigDict()
   c.train.global_batch_size = 512
@@ -116,10 +125,12 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.eval_every = 5000
   c.train.eval_batches = 16
   c.train.ckpt_every = 5000
-  c.train.keep_ckpts = 3
+  c.train.keep_ckpts = 3        # the newest k checkpoints are kept ...
+  c.train.keep_period = 0       # ... plus every step that is a multiple of this (0 = none)
   c.train.nan_policy = "stop"   # stop | skip
   c.train.init_from = ""        # workdir of a checkpoint to start from (fine-tuning)
   c.train.print_batch = True    # decode one batch at start-up (catches tokenizer/packing bugs)
+  c.train.lease_stale_secs = 300.0  # the workdir lease goes stale this long after its last renewal
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1

@@ -12,9 +12,12 @@ The data sources 'bible', 'text' and 'tfds' over them are registered in `dlm_jax
 from __future__ import annotations
 
 import importlib.util
+import io
 import json
 import os
 from typing import Any
+
+from dlm_jax import paths
 
 __all__ = ["BibleSource", "TextFilesSource", "tfds_source", "TFDS_NAMES", "TfdsTextSource", "BIBLE",
            "TEXT", "TFDS"]
@@ -115,12 +118,11 @@ class TextFilesSource:
     if validation_every < 2:
       raise ValueError(f"TextFilesSource: validation_every must be >= 2, got {validation_every}.")
     self.path, self.split = path, split
-    path = os.path.expanduser(path)
-    if not os.path.exists(path):
+    path = os.path.expanduser(path) if not paths.is_remote(path) else path
+    if not paths.exists(path):
       raise FileNotFoundError(f"TextFilesSource: {path!r} does not exist; fix config.data.path.")
-    if os.path.isdir(path):
-      files = sorted(os.path.join(root, name) for root, _, names in os.walk(path) for name in names
-                     if name.lower().endswith(self.EXTENSIONS))
+    if paths.isdir(path):
+      files = [f for f in paths.walk_files(path) if f.lower().endswith(self.EXTENSIONS)]
       if not files:
         raise ValueError(f"TextFilesSource: folder {path!r} has no {'/'.join(self.EXTENSIONS)} files; put "
                          "text files there or fix config.data.path.")
@@ -152,8 +154,7 @@ class TextFilesSource:
 
 
 def _read_txt(path: str) -> list[str]:
-  with open(path, "rb") as f:
-    text = f.read().decode("utf-8", errors="replace")
+  text = paths.read_bytes(path).decode("utf-8", errors="replace")
   text = text.replace("\r\n", "\n").replace("\r", "\n")
   docs, current = [], []
   for line in text.split("\n"):
@@ -169,7 +170,7 @@ def _read_txt(path: str) -> list[str]:
 
 def _read_jsonl(path: str, text_field: str) -> list[str]:
   docs = []
-  with open(path, "rb") as f:
+  with io.BytesIO(paths.read_bytes(path)) as f:
     for raw in f:
       line = raw.decode("utf-8", errors="replace").strip()
       if not line:

@@ -212,7 +212,7 @@ def _check_args(source: Any, tokenizer: Tokenizer, seq_len: int, global_batch_si
     raise ValueError(f"process_index={process_index} must be in [0, process_count={process_count}).")
   if global_batch_size < 1 or global_batch_size % process_count:
     raise ValueError(f"global_batch_size={global_batch_size} must be a positive multiple of the number of "
-                     f"processes ({process_count}); fix config.data.batch_size (or config.train.batch_size).")
+                     f"processes ({process_count}); fix config.train.global_batch_size.")
   if packing not in PACKING:
     raise ValueError(f"packing must be one of {PACKING}, got {packing!r}; fix config.data.packing.")
   try:

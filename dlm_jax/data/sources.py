@@ -13,9 +13,9 @@ A new source (a corpus or a synthetic task) is one module building a `DataSource
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
+from dlm_jax import paths
 from dlm_jax.config import ConfigError
 from dlm_jax.data import corpora
 from dlm_jax.data.base import DataSource, document_source, require
@@ -25,7 +25,7 @@ from dlm_jax.data.tasks import arith, hmm, sft
 def _check_text(config: Any) -> None:
   d = config.data
   require(bool(d.path), "data.path", "is empty; data.source='text' needs a file or folder.")
-  require(os.path.exists(d.path), "data.path", f"{d.path!r} does not exist.")
+  require(paths.exists(d.path), "data.path", f"{d.path!r} does not exist.")
 
 
 def _check_tfds(config: Any) -> None:

@@ -33,6 +33,7 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
+from dlm_jax import paths
 from dlm_jax.data import corpora
 
 __all__ = ["Tokenizer", "HFTokenizer", "ByteTokenizer", "get_tokenizer", "default_cache_dir"]
@@ -268,12 +269,13 @@ _NAMED_SPECIALS = {
 
 def _from_file(path: str) -> HFTokenizer:
   import tokenizers  # pylint: disable=g-import-not-at-top
-  path = os.path.expanduser(path)
-  if not os.path.isfile(path):
+  if not paths.is_remote(path):
+    path = os.path.expanduser(path)
+  if not paths.isfile(path):
     raise FileNotFoundError(f"tokenizer file {path!r} does not exist; fix config.data.tokenizer "
                             "(expected 'file:/path/to/tokenizer.json', a HF tokenizers JSON file).")
   try:
-    tok = tokenizers.Tokenizer.from_file(path)
+    tok = tokenizers.Tokenizer.from_str(paths.read_text(path))
   except Exception as e:  # tokenizers raises a bare Exception on bad JSON.
     raise ValueError(f"tokenizer file {path!r} is not a valid HF tokenizers JSON file ({e}); fix "
                      "config.data.tokenizer.") from e

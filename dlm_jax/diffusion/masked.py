@@ -20,15 +20,18 @@ TIME_SAMPLING_MODES = ("stratified", "vdm", "iid")
 
 def sample_times(key: jax.Array, batch_size: int, t_min: float = 1e-3,
                  mode: str = "stratified", index_offset: int | jax.Array = 0,
-                 global_batch: int | None = None) -> jax.Array:
+                 global_batch: int | None = None, index: jax.Array | None = None) -> jax.Array:
   """Draws one diffusion time per sequence, t [B] in [t_min, 1).
 
   "stratified": u_i = (i + U_i) / N with U_i from fold_in(key, i) and i the GLOBAL index, so
-  the set of times does not depend on how the batch is split across devices.
+  the set of times does not depend on how the batch is split across devices (or into the
+  micro-batches of gradient accumulation).
   "vdm": one shared U, u_i = (U + i / N) mod 1. "iid": u_i = U_i.
+  The global indices are `index` [B] when given, else index_offset + 0..B-1; N is global_batch
+  (default B).
   """
   n = batch_size if global_batch is None else global_batch
-  idx = index_offset + jnp.arange(batch_size)
+  idx = index_offset + jnp.arange(batch_size) if index is None else jnp.asarray(index)
   if mode == "stratified":
     u = jax.vmap(lambda i: jax.random.uniform(jax.random.fold_in(key, i)))(idx)
     u = (idx + u) / n

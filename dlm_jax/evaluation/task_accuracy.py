@@ -14,7 +14,7 @@ architecture, so evaluating several fine-tuned arms compiles each setting once.
 
 from __future__ import annotations
 
-import os
+import io
 from typing import Any, Callable, Optional, Sequence
 
 import jax
@@ -23,6 +23,7 @@ import numpy as np
 
 from dlm_jax import metrics as metrics_lib
 from dlm_jax import parallel
+from dlm_jax import paths
 from dlm_jax.data.tasks import arith as tasks
 from dlm_jax.sampling import blockwise
 from dlm_jax.trims import buckets as trims_buckets
@@ -197,9 +198,7 @@ def plot_curves(curves: dict[str, Sequence[dict[str, Any]]], path: str, tpf_key:
     title: plot title.
     errors: optional label -> (x_err, y_err) per point (e.g. std over seeds).
   """
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  plt = metrics_lib.pyplot()  # MissingExtraError without the [plots] extra
   fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
   for label, pts in curves.items():
     pts = sorted(pts, key=lambda p: p[tpf_key])
@@ -219,7 +218,8 @@ def plot_curves(curves: dict[str, Sequence[dict[str, Any]]], path: str, tpf_key:
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8)
   fig.tight_layout()
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  fig.savefig(path)
+  buf = io.BytesIO()
+  fig.savefig(buf, format="png")
   plt.close(fig)
+  paths.write_bytes(path, buf.getvalue())  # a local path or gs://
   return path

@@ -58,9 +58,10 @@ class AutoRegressive(Method):
 
   def train_loss(self, params, batch, key, train=True):
     nll, weight = self._nll(params, batch, jax.random.fold_in(key, 2) if train else None)
-    count = jnp.maximum(jnp.sum(weight.astype(jnp.float32)), 1.0)
-    loss = jnp.sum(nll) / count
-    return loss, dict(loss=loss, nll=loss, bits_per_token=loss / jnp.log(2.0))
+    targets = jnp.sum(weight.astype(jnp.float32))
+    loss = jnp.sum(nll) / jnp.maximum(targets, 1.0)
+    return loss, dict(loss=loss, nll=loss, bits_per_token=loss / jnp.log(2.0),
+                      loss_weight=targets)
 
   def eval_sums(self, params, batch, key):
     del key

@@ -78,6 +78,11 @@ class Method:
     return self.model.init(key, tokens, t=t)["params"]
 
   extra_positions = 0  # DID prepends BOS to x_t
+  # Gradient accumulation (optim.grad_accum_steps) splits a batch into micro-batches of whole
+  # groups of this many consecutive rows (DID's packing puts a pair of rows in one model row).
+  row_group = 1
+  # Metrics that are counts over the batch (summed over micro-batches; the others are averaged).
+  summed_metrics: tuple[str, ...] = ()
 
   def train_model_shape(self, batch_size: int) -> tuple[int, int]:
     """(rows, length) of the network input of one training step on `batch_size` data rows."""
@@ -112,6 +117,13 @@ class Method:
   # -- interface ---------------------------------------------------------------------------
   def train_loss(self, params: Any, batch: dict[str, jax.Array], key: jax.Array,
                  train: bool = True) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """(loss, metrics) of a batch; the trainer logs every metric.
+
+    A loss normalised by a count of the batch (tokens, masked slots) returns that count as
+    metrics['loss_weight']: gradient accumulation weighs micro-batches by it, so k micro-batches
+    give the loss and gradient of the undivided batch (without it they are weighed equally).
+    Random draws stratified over the batch use `diffusion.keys.step_rows(batch, ...)`.
+    """
     raise NotImplementedError
 
   def eval_sums(self, params: Any, batch: dict[str, jax.Array], key: jax.Array) -> dict[str, jax.Array]:

@@ -4,9 +4,8 @@ are the masked family of `dlm_jax.sampling`."""
 
 from __future__ import annotations
 
-import math
-
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -16,7 +15,7 @@ import numpy as np
 from dlm_jax.config import ConfigError
 from dlm_jax.diffusion import masked as mdlm_lib
 from dlm_jax.diffusion import schedules
-from dlm_jax.diffusion.keys import example_keys
+from dlm_jax.diffusion.keys import example_keys, step_rows
 from dlm_jax.methods.base import Method
 from dlm_jax.models import output_head
 from dlm_jax.models.transformer import DTYPES
@@ -130,11 +129,14 @@ class MDLM(Method):
         t = jax.vmap(lambda k: jax.random.uniform(
             jax.random.fold_in(k, 7), (), jnp.float32, d.t_min, 1.0))(ex_keys)
       else:
-        # Stratified over the global batch (we are inside jit over the global batch), strata
-        # spread over the rows so that every device's rows cover [0, 1) (see `spread_order`).
-        t = mdlm_lib.sample_times(jax.random.fold_in(key, 0), b, d.t_min, d.time_sampling)
+        # Stratified over the update's global batch (a micro-batch of gradient accumulation
+        # draws its rows' strata of it), strata spread over the rows so that every device's rows
+        # cover [0, 1) (see `spread_order`).
+        index, n = step_rows(batch, self.config.train.global_batch_size)
         if d.time_sampling in ("stratified", "vdm"):
-          t = t[spread_order(b)]
+          index = jnp.asarray(spread_order(n))[index]
+        t = mdlm_lib.sample_times(jax.random.fold_in(key, 0), b, d.t_min, d.time_sampling,
+                                  global_batch=n, index=index)
       xt, is_masked = mdlm_lib.forward_mask(ex_keys, tokens, t, maskable, self.schedule,
                                             self.ids.mask)
       return xt, is_masked, t, maskable
@@ -173,12 +175,16 @@ class MDLM(Method):
                                       d.normalize)
       metrics = dict(loss=loss, masked_ce=aux["ce_sum"] / jnp.maximum(aux["num_masked"], 1.0),
                      masked_frac=aux["num_masked"] / valid_count, mean_t=jnp.mean(t))
+      if d.normalize == "token":
+        metrics["loss_weight"] = aux["num_masked"]
       return loss, metrics
     loss, aux = mdlm_lib.mdlm_loss(logits, batch["tokens"], is_masked, t, self.schedule,
                                    maskable, self.ids.mask, d.normalize)
     nelbo_tok = aux["nll_sum"] / jnp.maximum(aux["token_count"], 1.0)
     metrics = dict(loss=loss, nelbo=nelbo_tok, bits_per_token=nelbo_tok / jnp.log(2.0),
                    masked_frac=aux["masked_count"] / jnp.maximum(aux["token_count"], 1.0))
+    if d.normalize == "token":
+      metrics["loss_weight"] = aux["token_count"]
     return loss, metrics
 
   def _sparse_head_loss(self, params, batch, xt, scored, t, maskable, dropout_key, budget):
@@ -204,11 +210,13 @@ class MDLM(Method):
         h, kernel, bias, batch["tokens"], weights, budget, self.ids.mask,
         DTYPES[self.model_cfg.dtype])
     count = jnp.sum(scored.astype(jnp.int32))
-    token_count = jnp.maximum(jnp.sum(maskable.astype(jnp.float32)), 1.0)
+    maskable_count = jnp.sum(maskable.astype(jnp.float32))
+    token_count = jnp.maximum(maskable_count, 1.0)
     loss = nll_sum / token_count
     return loss, dict(loss=loss, nelbo=loss, bits_per_token=loss / jnp.log(2.0),
                       masked_frac=count / token_count,
-                      dense_head=jax.lax.stop_gradient(overflow))
+                      dense_head=jax.lax.stop_gradient(overflow),
+                      loss_weight=maskable_count)
 
   def eval_sums(self, params, batch, key):
     maskable = default_maskable(batch, self.ids.bos)

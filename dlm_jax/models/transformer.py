@@ -4,6 +4,10 @@ One module serves every method. With `causal=False` it is MDLM's / DID's bidirec
 denoiser (DiT-style: adaLN modulation from a time embedding when `time_conditioning`), with
 `causal=True` it is the autoregressive LM used as TRIMS teacher and gen-PPL judge.
 
+The options `adaln_always`, `ln_scale_with_adaln`, `ln_eps`, `ln_fast_variance` and
+`rope_freqs` (all off by default) make it the published PyTorch MDLM `DIT` denoiser, so that
+its weights can be imported (`dlm_jax.import_mdlm`, mapping in `models/pytorch_dit.py`).
+
 Parameters carry logical axis names (`embed`, `mlp`, `heads`, `kv`, `vocab`); activations are
 constrained to (`batch`, `length`, `embed`). `dlm_jax.parallel` maps these onto the mesh.
 """
@@ -18,6 +22,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
+import numpy as np
 
 from dlm_jax.models import attention as attention_lib
 
@@ -62,6 +67,17 @@ class TransformerConfig:
   position_embedding: str = "rope"  # rope | learned (absolute, [max_len, d], added to the input)
   remat: str = "none"  # REMAT_POLICIES
   tie_embeddings: bool = False
+  # The published PyTorch MDLM DiT (defaults keep the dlm-jax network):
+  adaln_always: bool = False         # time MLP + adaLN even without time_conditioning (fed t = 0)
+  ln_scale_with_adaln: bool = False  # LayerNorm keeps its learned scale where adaLN modulates too
+  ln_eps: float = 1e-6
+  ln_fast_variance: bool = True      # var = E[x^2] - E[x]^2 (False: the two-pass E[(x - mean)^2])
+  rope_freqs: str = "neg_power"      # neg_power: theta^(-2i/D) | reciprocal: 1 / theta^(2i/D)
+
+  @property
+  def conditioned(self) -> bool:
+    """Whether the network has the time MLP and adaLN modulation."""
+    return self.time_conditioning or self.adaln_always
 
   @property
   def head_dim(self) -> int:
@@ -114,10 +130,32 @@ def dense(features, axes, name, dtype, use_bias=True, zero=False, n_in=1):
                 zero_init=zero, name=name)
 
 
-def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
-  """Rotary position embedding on [B, L, H, D] with integer positions [B, L]."""
-  d = x.shape[-1]
-  freqs = theta ** (-jnp.arange(0, d // 2, dtype=jnp.float32) * 2.0 / d)
+ROPE_FREQS = ("neg_power", "reciprocal")
+
+
+def rope_inv_freq(d: int, theta: float, formula: str = "neg_power") -> jax.Array:
+  """The D/2 rotary frequencies in float32: theta^(-2i/D), or 1 / theta^(2i/D) ('reciprocal').
+
+  The two are equal in real arithmetic; in float32 they differ by an ulp in some entries.
+  'reciprocal' is the published PyTorch MDLM's buffer: float32 exponents, the power rounded to
+  float32 from float64, a float32 reciprocal (a constant: d and theta are static). That equals
+  torch's values bit for bit for D = 16, 32, 64, 128 (D = 96: one entry is an ulp apart).
+  """
+  if formula == "neg_power":
+    return theta ** (-jnp.arange(0, d // 2, dtype=jnp.float32) * 2.0 / d)
+  if formula == "reciprocal":
+    exponent = np.arange(0, d // 2, dtype=np.float32) * np.float32(2.0) / np.float32(d)
+    power = (np.float64(theta) ** exponent.astype(np.float64)).astype(np.float32)
+    return jnp.asarray(np.float32(1.0) / power)
+  raise ValueError(f"model.rope_freqs={formula!r}; use one of {ROPE_FREQS}.")
+
+
+def rope(x: jax.Array, positions: jax.Array, theta: float, formula: str = "neg_power") -> jax.Array:
+  """Rotary position embedding on [B, L, H, D] with integer positions [B, L].
+
+  Non-interleaved halves: dimension j pairs with j + D/2.
+  """
+  freqs = rope_inv_freq(x.shape[-1], theta, formula)
   angles = positions.astype(jnp.float32)[:, :, None, None] * freqs  # [B, L, 1, D/2]
   sin, cos = jnp.sin(angles), jnp.cos(angles)
   x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
@@ -134,12 +172,16 @@ def timestep_embedding(t: jax.Array, dim: int = 256, max_period: float = 10000.0
 
 
 class LayerNorm(nn.Module):
-  """LayerNorm in float32 with an optional learned scale (none when adaLN modulates it)."""
+  """LayerNorm in float32 without bias, with an optional learned scale (by default none when
+  adaLN modulates it)."""
   use_scale: bool = True
+  epsilon: float = 1e-6
+  use_fast_variance: bool = True
 
   @nn.compact
   def __call__(self, x):
-    y = nn.LayerNorm(use_bias=False, use_scale=self.use_scale, dtype=jnp.float32,
+    y = nn.LayerNorm(epsilon=self.epsilon, use_bias=False, use_scale=self.use_scale,
+                     use_fast_variance=self.use_fast_variance, dtype=jnp.float32,
                      param_dtype=jnp.float32,
                      scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",)))(
                          x.astype(jnp.float32))
@@ -151,6 +193,11 @@ def _per_token(mod: jax.Array, index: jax.Array | None) -> jax.Array:
   if index is not None:
     return jnp.take_along_axis(mod, index[:, :, None].astype(jnp.int32), axis=1)
   return mod[:, None, :] if mod.ndim == 2 else mod
+
+
+def _layer_norm(cfg: TransformerConfig, modulated: bool, name: str) -> LayerNorm:
+  return LayerNorm(use_scale=not modulated or cfg.ln_scale_with_adaln, epsilon=cfg.ln_eps,
+                   use_fast_variance=cfg.ln_fast_variance, name=name)
 
 
 class Block(nn.Module):
@@ -171,12 +218,12 @@ class Block(nn.Module):
       scale1 = scale2 = 0.0
       gate1 = gate2 = 1.0
 
-    y = LayerNorm(use_scale=cond is None, name="ln_attn")(x) * (1 + scale1) + shift1
+    y = _layer_norm(cfg, cond is not None, "ln_attn")(x) * (1 + scale1) + shift1
     qkv = dense((3, h, hd), ("embed", "qkv", "heads", "kv"), "qkv", dtype, use_bias=False)(y)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     if cfg.position_embedding == "rope":
-      q = rope(q, positions, cfg.rope_theta)
-      k = rope(k, positions, cfg.rope_theta)
+      q = rope(q, positions, cfg.rope_theta, cfg.rope_freqs)
+      k = rope(k, positions, cfg.rope_theta, cfg.rope_freqs)
     q = nn.with_logical_constraint(q, ("batch", "length", "heads", "kv"))
     k = nn.with_logical_constraint(k, ("batch", "length", "heads", "kv"))
     v = nn.with_logical_constraint(v, ("batch", "length", "heads", "kv"))
@@ -189,7 +236,7 @@ class Block(nn.Module):
     x = x + gate1 * o
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
 
-    y = LayerNorm(use_scale=cond is None, name="ln_mlp")(x) * (1 + scale2) + shift2
+    y = _layer_norm(cfg, cond is not None, "ln_mlp")(x) * (1 + scale2) + shift2
     y = dense(cfg.mlp_ratio * cfg.d_model, ("embed", "mlp"), "mlp_in", dtype)(y)
     y = nn.gelu(y, approximate=True)
     y = nn.with_logical_constraint(y, ("batch", "length", "mlp"))
@@ -205,10 +252,12 @@ class Transformer(nn.Module):
   __call__(tokens [B, L] int32, positions [B, L] int32, segment_ids [B, L] int32,
            t [B] float32 | None, deterministic) -> (logits [B, L, V] float32, aux [B, L, A] | None)
 
-  `t` is used only when `cfg.time_conditioning`: [B] (one time per row), [B, L] (one per token), or
-  [B, S] with `t_index` [B, L] naming the entry of each token (DID rows that pack S documents noised
-  at different times: the time MLP and every adaLN projection then run S times per row instead of
-  L times, which is most of their cost); `aux` only when `cfg.aux_outputs > 0`.
+  `t` is used only when `cfg.time_conditioning` or `cfg.adaln_always`: [B] (one time per row),
+  [B, L] (one per token), or [B, S] with `t_index` [B, L] naming the entry of each token (DID rows
+  that pack S documents noised at different times: the time MLP and every adaLN projection then
+  run S times per row instead of L times, which is most of their cost); `aux` only when
+  `cfg.aux_outputs > 0`. With `adaln_always` and no time conditioning, `t=None` means t = 0 (the
+  published MDLM feeds sigma = 0 to its conditioned network); a given `t` is used as is.
   With `features_only` the head is skipped and the first output is the final normalised hidden
   state [B, L, d] (for a loss that fuses the head, see `output_head.masked_head_nll`).
   """
@@ -237,9 +286,11 @@ class Transformer(nn.Module):
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
 
     cond = None
-    if cfg.time_conditioning:
+    if cfg.conditioned:
       if t is None:
-        raise ValueError("This model has time_conditioning=True and needs `t`.")
+        if cfg.time_conditioning:
+          raise ValueError("This model has time_conditioning=True and needs `t`.")
+        t = jnp.zeros((b,), jnp.float32)
       c = timestep_embedding(t)
       c = dense(cfg.cond_dim, ("time", "cond"), "t_mlp_in", jnp.float32)(c)
       c = dense(cfg.cond_dim, ("cond", "cond2"), "t_mlp_out", jnp.float32)(nn.silu(c))
@@ -257,9 +308,9 @@ class Transformer(nn.Module):
     if cond is not None:
       mod = dense(2 * cfg.d_model, ("cond", "embed"), "final_adaln", jnp.float32, zero=True)(cond)
       shift, scale = jnp.split(_per_token(mod, t_index).astype(dtype), 2, axis=-1)
-      y = LayerNorm(use_scale=False, name="ln_final")(x) * (1 + scale) + shift
+      y = _layer_norm(cfg, True, "ln_final")(x) * (1 + scale) + shift
     else:
-      y = LayerNorm(name="ln_final")(x)
+      y = _layer_norm(cfg, False, "ln_final")(x)
     if features_only:  # the caller applies params["head"] itself (models/output_head.py)
       return y, None
     if cfg.tie_embeddings:

@@ -4,6 +4,7 @@
     run = dlm_jax.load("/path/to/workdir")          # newest checkpoint, EMA params
     texts = run.sample_text(num_samples=4)           # decoded samples
     run.loss(["In the beginning ..."])              # NELBO per token (nats) per text
+    run.logits(tokens, sigma)                       # raw network output [B, L, V] (before SUBS)
 
 No training mesh is needed: parameters are restored onto a mesh over the local devices (one
 device in a plain notebook), whatever topology the run was trained on.
@@ -13,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from typing import Any, Sequence
 
 import jax
@@ -23,6 +23,7 @@ import numpy as np
 
 from dlm_jax import config as config_lib
 from dlm_jax import parallel
+from dlm_jax import paths
 from dlm_jax.run import checkpoint as ckpt_lib
 from dlm_jax.run import experiment as exp_lib
 from dlm_jax.sampling import common
@@ -39,7 +40,7 @@ def read_run_config(workdir: str, step: int | None = None) -> tuple[ml_collectio
 
   Fields that moved since the run was saved are read under their new names.
   """
-  ckpt = ckpt_lib.Checkpointer(workdir, async_save=False)
+  ckpt = ckpt_lib.Checkpointer(workdir, read_only=True)
   try:
     steps = ckpt.all_steps()
     if not steps:
@@ -72,9 +73,11 @@ class LoadedRun:
   def mesh(self) -> jax.sharding.Mesh:
     return self.experiment.mesh
 
-  def sample(self, num_samples: int | None = None, seed: int = 0, prompt: str | None = None,
-             **overrides: Any) -> dict[str, Any]:
+  def sample(self, num_samples: int | None = None, seed: int | None = None,
+             prompt: str | None = None, **overrides: Any) -> dict[str, Any]:
     """Draws samples; overrides are config.sample fields (decoder, num_steps, tau, ...).
+
+    `seed` None uses config.sample.seed.
 
     Returns the method's output dict (tokens, nfe, ...) as numpy plus 'texts'.
     """
@@ -88,8 +91,44 @@ class LoadedRun:
       s.batch_size = min(s.batch_size, num_samples) if s.batch_size else num_samples
     return sample_batches(self, s, seed=seed, prompt_text=prompt)
 
-  def sample_text(self, num_samples: int = 4, seed: int = 0, **overrides: Any) -> list[str]:
+  def sample_text(self, num_samples: int = 4, seed: int | None = None,
+                  **overrides: Any) -> list[str]:
     return self.sample(num_samples=num_samples, seed=seed, **overrides)["texts"]
+
+  def logits(self, tokens: Any, sigma: Any = None) -> np.ndarray:
+    """The raw network output [B, L, V] (float32) for token ids [B, L] (or [L]), before SUBS.
+
+    Every position attends to every other (one unpadded row per example), positions 0..L-1.
+    `sigma` ([B] or a scalar) is the noise level the network is conditioned on: the published
+    MDLM's sigma for an imported model (`model.adaln_always`), the method's time t for a
+    time-conditioned one. None feeds what the method feeds: 0 when time conditioning is off (the
+    published MDLM's default); a time-conditioned network needs it. A network without a time
+    input refuses a sigma.
+    """
+    x = np.asarray(tokens)
+    if x.ndim == 1:
+      x = x[None]
+    if x.ndim != 2 or not np.issubdtype(x.dtype, np.integer):
+      raise ValueError(f"tokens must be integer ids [B, L] or [L], got {x.dtype} {x.shape}.")
+    vocab = self.method.model_cfg.vocab_size
+    if x.size and (x.min() < 0 or x.max() >= vocab):
+      raise ValueError(f"token ids must lie in [0, {vocab}); got {x.min()}..{x.max()}.")
+    cfg = self.method.model_cfg
+    t = None
+    if sigma is not None:
+      if not cfg.conditioned:
+        raise ValueError("This network has no time input (model.time_conditioning and "
+                         "model.adaln_always are off): call run.logits(tokens) without sigma.")
+      t = np.broadcast_to(np.asarray(sigma, np.float32).reshape(-1), (x.shape[0],))
+    elif cfg.time_conditioning:
+      raise ValueError("This network is time-conditioned: give sigma (the method's time t).")
+    if not hasattr(self, "_logits_fn"):
+      model = self.method.model
+      fn = jax.jit(lambda p, tok, tt: model.apply({"params": p}, tok, t=tt)[0])
+      self._logits_fn = parallel.in_sharding_context(fn, self.mesh)  # pylint: disable=attribute-defined-outside-init
+    out = self._logits_fn(self.params, jnp.asarray(x, jnp.int32),
+                          None if t is None else jnp.asarray(t))
+    return np.asarray(jax.device_get(out))
 
   def loss(self, texts: Sequence[str], seed: int = 0) -> np.ndarray:
     """Likelihood bound of each text in nats per token (method's NELBO, eval_num_t draws)."""
@@ -124,9 +163,9 @@ def _eval_sums_jit(run: LoadedRun):
   return run._eval_fn  # pylint: disable=protected-access
 
 
-def sample_batches(run: LoadedRun, s: ml_collections.ConfigDict, seed: int = 0,
+def sample_batches(run: LoadedRun, s: ml_collections.ConfigDict, seed: int | None = None,
                    prompt_text: str | None = None) -> dict[str, Any]:
-  """Runs the method's decoder over ceil(num_samples / batch_size) batches.
+  """Runs the method's decoder over ceil(num_samples / batch_size) batches (seed None: s.seed).
 
   The decoder and its options are checked first (ConfigError naming the sample.* field), as the
   `sample` command does.
@@ -139,7 +178,7 @@ def sample_batches(run: LoadedRun, s: ml_collections.ConfigDict, seed: int = 0,
     prompt = np.tile(np.asarray(ids, np.int32)[None], (s.batch_size, 1))
   merged = common.sample_in_batches(
       lambda key: run.method.sample(run.params, key, s, prompt=prompt), s.num_samples,
-      s.batch_size, seed, run.mesh)
+      s.batch_size, s.seed if seed is None else seed, run.mesh)
   merged["texts"] = run.method.decode_samples(merged, tok) if hasattr(
       run.method, "decode_samples") else [tok.decode(list(r)) for r in merged["tokens"]]
   return merged
@@ -155,18 +194,21 @@ def load(workdir: str, step: int | None = None, use_ema: bool = True,
     use_ema: return the EMA parameters when the run kept them.
     devices: where to put the parameters (default: all local devices, replicated).
   """
-  if not os.path.exists(ckpt_lib.checkpoint_dir(workdir)) and "://" not in workdir:
+  if not paths.is_remote(workdir) and not paths.exists(ckpt_lib.checkpoint_dir(workdir)):
     raise ckpt_lib.CheckpointError(f"{workdir} has no checkpoints/ folder; is it a training "
                                    "--workdir?")
   config, config_step = read_run_config(workdir, step)
+  # The tokenizer files saved with the run: the corpus is never read again.
+  tokenizer = exp_lib.run_tokenizer(workdir, config)
   mesh = _mesh_over(list(devices or jax.local_devices()))
   config.unlock()
   # The batch only needs to divide over the notebook's devices for evaluation helpers.
   n = parallel.data_parallel_size(mesh)
   config.train.global_batch_size = max(n, (config.train.global_batch_size // n) * n)
+  config.optim.grad_accum_steps = 1  # a training setting; the micro-batch need not fit here
   config.mesh.data, config.mesh.fsdp, config.mesh.tensor = -1, 1, 1
-  exp = exp_lib.Experiment.create(config, mesh=mesh)
-  ckpt = ckpt_lib.Checkpointer(workdir, async_save=False)
+  exp = exp_lib.Experiment.create(config, mesh=mesh, tokenizer=tokenizer, check_data=False)
+  ckpt = ckpt_lib.Checkpointer(workdir, read_only=True)
   try:
     # With step=None this walks back past a corrupt newest checkpoint.
     got, state, _ = ckpt.restore(exp.abstract_state(), step=step, check_meta=exp.check_meta)
@@ -179,6 +221,5 @@ def load(workdir: str, step: int | None = None, use_ema: bool = True,
 
 
 def write_jsonl(path: str, records: Sequence[dict[str, Any]]) -> None:
-  with open(path, "w", encoding="utf-8") as f:
-    for r in records:
-      f.write(json.dumps(r) + "\n")
+  """One JSON object per line, to a local path or gs:// (written whole, atomically)."""
+  paths.write_text(path, "".join(json.dumps(r) + "\n" for r in records))

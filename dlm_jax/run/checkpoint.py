@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from typing import Any
 
@@ -23,6 +22,8 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 from etils import epath
+
+from dlm_jax import paths
 
 try:  # grain's Orbax handler for iterator state (registered on import).
   import grain  # pylint: disable=g-import-not-at-top
@@ -81,19 +82,42 @@ def describe_mismatch(saved: dict[str, Any], wanted: dict[str, Any], limit: int 
 
 def checkpoint_dir(workdir: str) -> str:
   """<workdir>/checkpoints; local paths made absolute (Orbax requires it), URLs kept."""
-  if "://" not in workdir:
-    workdir = os.path.abspath(workdir)
-  return os.path.join(workdir, "checkpoints")
+  return paths.join(paths.absolute(workdir), "checkpoints")
+
+
+def retention_policy(keep: int, keep_period: int = 0):
+  """Orbax's preservation policy: the newest `keep` steps, plus every multiple of keep_period."""
+  policies = [ocp.checkpoint_managers.LatestN(n=keep)]
+  if keep_period:
+    policies.append(ocp.checkpoint_managers.EveryNSteps(interval_steps=keep_period))
+  return ocp.checkpoint_managers.AnyPreservationPolicy(policies)
 
 
 class Checkpointer:
-  """Thin wrapper over `ocp.CheckpointManager` with fall-back restore."""
+  """Thin wrapper over `ocp.CheckpointManager` with fall-back restore.
 
-  def __init__(self, workdir: str, keep: int = 3, async_save: bool = True):
+  `read_only=True` (load, sample, evaluate, score, init_from) opens an existing checkpoints/
+  folder without creating, cleaning or deleting anything; a workdir without one is a
+  CheckpointError.
+  """
+
+  def __init__(self, workdir: str, keep: int = 3, async_save: bool = True, keep_period: int = 0,
+               read_only: bool = False):
     self.directory = checkpoint_dir(workdir)
-    options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
-        cleanup_tmp_directories=True)
+    paths.path(self.directory)  # a gs:// workdir without the [gcp] extra: say what to install
+    self.read_only = read_only
+    if read_only:
+      if not paths.exists(self.directory):
+        raise CheckpointError(f"{workdir} has no checkpoints/ folder; is it a training "
+                              "--workdir?")
+      # Every option read-only mode would otherwise override (with a warning each) is set here.
+      options = ocp.CheckpointManagerOptions(
+          read_only=True, create=False, cleanup_tmp_directories=False, save_interval_steps=0,
+          enable_async_checkpointing=False)
+    else:
+      options = ocp.CheckpointManagerOptions(
+          create=True, enable_async_checkpointing=async_save, cleanup_tmp_directories=True,
+          preservation_policy=retention_policy(keep, keep_period))
     self.manager = ocp.CheckpointManager(self.directory, options=options)
     self._in_flight: int | None = None  # step of an async save not yet known to be complete
     self.skipped_steps: list[int] = []  # unreadable steps passed over by the last restore()
@@ -108,6 +132,8 @@ class Checkpointer:
 
   def save(self, step: int, state: Any, config: ml_collections.ConfigDict,
            meta: dict[str, Any], data_iter: Any = None, force: bool = False) -> bool:
+    if self.read_only:
+      raise CheckpointError(f"{self.directory} was opened read-only; it cannot save.")
     items = dict(state=ocp.args.StandardSave(state),
                  config=ocp.args.JsonSave(json.loads(config.to_json_best_effort())),
                  meta=ocp.args.JsonSave(meta))
@@ -145,8 +171,8 @@ class Checkpointer:
             else "no earlier checkpoint exists")
     return CheckpointSaveError(
         f"Saving the checkpoint of {where} in {self.directory} failed "
-        f"({type(error).__name__}: {first}); {keep}. Free disk space (or fix the storage) and "
-        "re-run the same command to resume.")
+        f"({type(error).__name__}: {first}); {keep}. Free disk space (or fix the storage or its "
+        "permissions) and re-run the same command to resume from there.")
 
   def read_meta(self, step: int) -> dict[str, Any]:
     restored = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))

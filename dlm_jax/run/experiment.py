@@ -22,11 +22,20 @@ import optax
 from dlm_jax import config as config_lib
 from dlm_jax import methods
 from dlm_jax import parallel
+from dlm_jax import paths
 from dlm_jax.data import sources
+from dlm_jax.data import tokenizer_store
 from dlm_jax.models import attention
 from dlm_jax.models import flops as flops_lib
 from dlm_jax.run.checkpoint import CheckpointError
 from dlm_jax.sampling import decoders
+
+
+# config.model fields a checkpoint must agree with (saved in its metadata): the first five fix
+# the parameter shapes, the others the function the parameters compute.
+SHAPE_FIELDS = ("num_layers", "d_model", "num_heads", "mlp_ratio", "time_conditioning")
+NETWORK_FIELDS = SHAPE_FIELDS + ("adaln_always", "ln_scale_with_adaln", "ln_eps",
+                                 "ln_fast_variance", "rope_freqs")
 
 
 @flax.struct.dataclass
@@ -67,17 +76,21 @@ def make_optimizer(optim: ml_collections.ConfigDict, num_steps: int):
 
 
 def validate_config(config: ml_collections.ConfigDict, *, num_data_parallel: int | None = None,
-                    process_count: int = 1) -> None:
+                    process_count: int = 1, check_data: bool = True) -> None:
   """The start-up check; raises ConfigError naming the field to fix.
 
   Fills config.sample.decoder with the method's default decoder when it is empty.
+  `check_data=False` skips the data source's own check (a saved run opened for sampling or
+  scoring needs neither its corpus nor its data files).
   """
-  config_lib.validate(config, num_data_parallel=num_data_parallel, process_count=process_count)
+  config_lib.validate(config, num_data_parallel=num_data_parallel, process_count=process_count,
+                      check_files=check_data)
   method_cls = methods.get_method_class(config.method)
   source = sources.get(config.data.source)
   attention.check_config(config.model, config)
   method_cls.check_config(config)
-  source.check(config)
+  if check_data:
+    source.check(config)
   decoders.check_options(config.sample, method_cls.family, method_cls.default_decoder,
                          method_cls.name)
   if not config.sample.decoder:
@@ -87,6 +100,44 @@ def validate_config(config: ml_collections.ConfigDict, *, num_data_parallel: int
 def make_tokenizer(config: ml_collections.ConfigDict):
   """The tokenizer of the run's data source (a 'bpe' is trained once on the corpus, cached)."""
   return sources.get(config.data.source).make_tokenizer(config)
+
+
+TOKENIZER_DIR = "tokenizer"
+
+
+def tokenizer_dir(workdir: str) -> str:
+  """<workdir>/tokenizer: the run's tokenizer files (see `save_run_tokenizer`)."""
+  return paths.join(workdir, TOKENIZER_DIR)
+
+
+def save_run_tokenizer(workdir: str, tokenizer: Any) -> dict[str, Any]:
+  """Saves `tokenizer` into <workdir>/tokenizer/ (local or gs://) and returns what it recorded.
+
+  The trainer calls it when a run starts; a tool that writes a workdir by other means (e.g. an
+  import of foreign weights) calls it too, with the run's tokenizer object (e.g.
+  `dlm_jax.data.tokenizers.get_tokenizer("gpt2")`). Files: `tokenizer_info.json` (kind, name,
+  vocabulary size, special ids, fingerprint) plus `tokenizer.json` (HF format) for a trained BPE or
+  a user's tokenizer file; fixed tokenizers (gpt2, bytes) are recorded by name. `dlm_jax.load`,
+  sample, evaluate and score_difficulty then read these files and never the corpus.
+  """
+  return tokenizer_store.save(tokenizer, tokenizer_dir(workdir))
+
+
+def run_tokenizer(workdir: str, config: ml_collections.ConfigDict | None = None) -> Any:
+  """The tokenizer saved with the run in `workdir`.
+
+  A workdir written before runs saved their tokenizer has no such files: then the tokenizer is
+  built from `config` as at training time (which may read the corpus).
+  """
+  folder = tokenizer_dir(workdir)
+  if tokenizer_store.exists(folder):
+    try:
+      return tokenizer_store.load(folder)
+    except tokenizer_store.TokenizerFilesError as e:
+      raise CheckpointError(f"{e} Restore the folder {folder} from a copy of the run.") from e
+  if config is None:
+    raise CheckpointError(f"{workdir} has no saved tokenizer ({folder}).")
+  return make_tokenizer(config)
 
 
 def make_train_iterator(config: ml_collections.ConfigDict, tokenizer: Any):
@@ -113,12 +164,14 @@ class Experiment:
 
   @classmethod
   def create(cls, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = None,
-             tokenizer: Any = None, process_count: int | None = None) -> "Experiment":
+             tokenizer: Any = None, process_count: int | None = None,
+             check_data: bool = True) -> "Experiment":
     """`process_count`: hosts the run spans (default: this job's); ahead-of-time compilation
-    passes the target topology's, since the batch must divide over its hosts."""
+    passes the target topology's, since the batch must divide over its hosts.
+    `check_data=False` (with the run's saved `tokenizer`): open a saved run without its data."""
     mesh = mesh or parallel.make_mesh(config.mesh)
     validate_config(config, num_data_parallel=parallel.data_parallel_size(mesh),
-                    process_count=process_count or jax.process_count())
+                    process_count=process_count or jax.process_count(), check_data=check_data)
     tokenizer = tokenizer or make_tokenizer(config)
     method = methods.make_method(config, tokenizer)
     tx, lr = make_optimizer(config.optim, config.train.num_steps)
@@ -165,8 +218,7 @@ class Experiment:
     return dict(method=self.config.method, tokenizer=getattr(tok, "name", "?"),
                 tokenizer_fingerprint=tok.fingerprint() if hasattr(tok, "fingerprint") else "",
                 vocab_size=int(tok.vocab_size),
-                model={k: self.config.model[k] for k in
-                       ("num_layers", "d_model", "num_heads", "mlp_ratio", "time_conditioning")},
+                model={k: self.config.model[k] for k in NETWORK_FIELDS},
                 seq_len=int(self.config.data.seq_len))
 
   def check_meta(self, meta: dict[str, Any]) -> None:
@@ -186,8 +238,9 @@ class Experiment:
     for k, v in mine["model"].items():
       if meta.get("model", {}).get(k, v) != v:
         raise CheckpointError(
-            f"config.model.{k}={v!r} but the checkpoint has {meta['model'][k]!r}: the shapes "
-            "differ; restore the original value or start a new --workdir.")
+            f"config.model.{k}={v!r} but the checkpoint has {meta['model'][k]!r}: the "
+            f"{'shapes' if k in SHAPE_FIELDS else 'networks'} differ; restore the original value "
+            "or start a new --workdir.")
 
 
 def log_config(config: ml_collections.ConfigDict) -> None:

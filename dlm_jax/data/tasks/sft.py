@@ -20,6 +20,7 @@ Layout of every SFT row: [BOS prompt, PAD..][response, EOS..]; only response slo
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import os
 import sys
@@ -28,6 +29,7 @@ from typing import Any, Callable, Sequence, Union
 
 import numpy as np
 
+from dlm_jax import paths
 from dlm_jax.config import ConfigError
 from dlm_jax.data.base import DataSource, configured_tokenizer, require
 from dlm_jax.data.tasks.common import TaskIterator, prompt_response_rows, seed_of
@@ -67,7 +69,7 @@ def load_prompt_response_jsonl(path: Union[str, os.PathLike], tokenizer_encode: 
   if max_len < 2:
     raise ValueError(f"max_len must be >= 2, got {max_len}")
   examples = []
-  with open(path, "r", encoding="utf-8") as f:
+  with io.StringIO(paths.read_text(path)) as f:
     for lineno, line in enumerate(f, start=1):
       if not line.strip():
         continue
@@ -134,7 +136,7 @@ def jsonl_set(path: str, tokenizer: Any, max_len: int, limit_name: str) -> SFTSe
   Raises:
     ScoringError: naming the file and line of a bad example, or the setting that is too small.
   """
-  if not os.path.exists(path):
+  if not paths.exists(path):
     raise SFTDataError(f"--data={path!r} does not exist.")
   try:
     # BOS before the prompt and one EOS after the response must fit too.
@@ -187,9 +189,7 @@ def response_valid(data: SFTSet) -> np.ndarray:
 
 
 def _atomic_savez(path: str, **arrays: Any) -> None:
-  tmp = path + ".tmp.npz"
-  np.savez(tmp, **arrays)
-  os.replace(tmp, path)
+  paths.save_npz(path, **arrays)  # local: a temporary file then a rename; gs://: one upload
 
 
 def partial_path(out: str) -> str:
@@ -209,13 +209,12 @@ def write_scored_set(out: str, data: SFTSet, nll: np.ndarray, num_buckets: int,
   means = bucket_mean_nll(nll, buckets["buckets"], num_buckets)
   summary = dict(meta, num_buckets=num_buckets, bucket_mean_nll=[float(x) for x in means],
                  mean_nll=float(nll[valid].mean()), ratio_bucket1_to_bucketK=float(means[0] / max(means[-1], 1e-12)),
-                 out=os.path.abspath(out))
+                 out=paths.absolute(out))
   _atomic_savez(out, prompt=data.prompt.astype(np.int32), response=data.response.astype(np.int32),
                 example_id=data.example_id.astype(np.int32), response_len=data.response_len.astype(np.int32),
                 nll=nll, bucket_mean_nll=means.astype(np.float32), num_buckets=np.int32(num_buckets),
                 meta=json.dumps(summary), **buckets, **data.extra)
-  with open(os.path.splitext(out)[0] + ".json", "w", encoding="utf-8") as f:
-    json.dump(summary, f, indent=2)
+  paths.write_text(os.path.splitext(out)[0] + ".json", json.dumps(summary, indent=2))
   return summary
 
 
@@ -248,19 +247,17 @@ def score_dataset(scorer: Callable[[np.ndarray, np.ndarray], np.ndarray], data: 
   part = partial_path(out)
   done = 0
   nll = np.zeros((n, r), np.float32)
-  if os.path.exists(part):
-    with np.load(part) as z:
-      pmeta = json.loads(str(z["meta"]))
-      if pmeta != meta:
-        diff = sorted(k for k in set(meta) | set(pmeta) if meta.get(k) != pmeta.get(k))
-        raise SFTDataError(f"{part} was written by a different scoring run (differs in {diff}); delete it "
-                           "to start over, or re-run with the original settings to resume.")
-      done = int(z["done"])
-      nll[:done] = z["nll"][:done]
+  if paths.exists(part):
+    z = paths.load_npz(part)
+    pmeta = json.loads(str(z["meta"]))
+    if pmeta != meta:
+      diff = sorted(k for k in set(meta) | set(pmeta) if meta.get(k) != pmeta.get(k))
+      raise SFTDataError(f"{part} was written by a different scoring run (differs in {diff}); delete it "
+                         "to start over, or re-run with the original settings to resume.")
+    done = int(z["done"])
+    nll[:done] = z["nll"][:done]
     if progress:
       print(f"Resuming {out}: {done}/{n} examples already scored.", file=sys.stderr, flush=True)
-  out_dir = os.path.dirname(os.path.abspath(out))
-  os.makedirs(out_dir, exist_ok=True)
   save_every = max(batch_size, -(-int(save_every) // batch_size) * batch_size)
   t0, start, last_saved = time.perf_counter(), done, done
   while done < n:
@@ -283,17 +280,16 @@ def score_dataset(scorer: Callable[[np.ndarray, np.ndarray], np.ndarray], data: 
     print("", file=sys.stderr, flush=True)
 
   summary = write_scored_set(out, data, nll, num_buckets, meta)
-  os.remove(part)
+  paths.remove(part)
   return summary
 
 
 def load_sft_set(path: str) -> dict[str, np.ndarray]:
   """Reads a prepared SFT set (.npz); errors name the file and the missing field."""
-  if not os.path.exists(path):
+  if not paths.exists(path):
     raise FileNotFoundError(f"config.data.path={path!r} does not exist; prepare it with "
                             "`python -m dlm_jax.score_difficulty`.")
-  with np.load(path) as z:
-    data = {k: z[k] for k in z.files}
+  data = paths.load_npz(path)
   for field in ("prompt", "response"):
     if field not in data:
       raise ValueError(f"{path}: missing array {field!r} (expected prompt, response, "
@@ -419,7 +415,7 @@ def _check(config: Any) -> None:
   require(d.path.endswith((".npz", ".jsonl")), "data.path",
           f"{d.path!r}; data.source='sft' reads a prompt/response .jsonl or a scored .npz "
           "(python -m dlm_jax.score_difficulty).")
-  require(os.path.exists(d.path), "data.path", f"{d.path!r} does not exist.")
+  require(paths.exists(d.path), "data.path", f"{d.path!r} does not exist.")
 
 
 SOURCE = DataSource(

@@ -26,7 +26,7 @@ import numpy as np
 
 from dlm_jax.config import ConfigError
 from dlm_jax.diffusion import masked
-from dlm_jax.diffusion.keys import example_keys
+from dlm_jax.diffusion.keys import example_keys, step_rows
 from dlm_jax.methods.base import Method
 import dlm_jax.methods.did.dp as dp
 import dlm_jax.methods.did.heads as heads
@@ -47,6 +47,7 @@ class DID(Method):
 
   family = "insertion"
   default_decoder = "did"
+  summed_metrics = ("model_tokens", "model_real_tokens", "overflow_tokens", "overflow_rows")
 
   @classmethod
   def check_config(cls, config: ml_collections.ConfigDict) -> None:
@@ -59,6 +60,12 @@ class DID(Method):
         raise ConfigError(
             f"config.train.global_batch_size: {config.train.global_batch_size} is odd: DID packing "
             "(did.pack) puts 2 rows in each model row; use an even batch or did.pack=False.")
+      k = config.optim.grad_accum_steps
+      if k > 1 and config.train.global_batch_size % (2 * k):
+        raise ConfigError(
+            f"config.optim.grad_accum_steps: the micro-batch of {config.train.global_batch_size}"
+            f" / {k} rows is odd: DID packing (did.pack) puts 2 rows in each model row; use an "
+            "even micro-batch or did.pack=False.")
 
   def __init__(self, config: ml_collections.ConfigDict, ids):
     d = config.did
@@ -72,6 +79,7 @@ class DID(Method):
     super().__init__(config, ids)
     self.disallowed = tuple(sorted({ids.bos, ids.pad, ids.mask}))
     self.train_layout = Layout.make(config.data.seq_len, bool(d.pack), int(d.pack_len))
+    self.row_group = self.train_layout.rows_per_model_row  # a packed pair stays in one micro-batch
     self.eval_layout = Layout.make(config.data.seq_len, False)
 
   def model_config(self) -> TransformerConfig:
@@ -164,10 +172,14 @@ class DID(Method):
     tokens, seg = batch["tokens"], batch["segment_ids"]
     b, length = tokens.shape
     if t is None:
+      # Strata over the update's global batch (a micro-batch draws its rows' strata of it).
+      index, n = step_rows(batch, self.config.train.global_batch_size)
       if layout.rows_per_model_row == 2:
-        t = antithetic_times(jax.random.fold_in(key, 0), b // 2, d.t_min)
+        t = antithetic_times(jax.random.fold_in(key, 0), b // 2, d.t_min,
+                             pair_index=index[0::2] // 2, num_pairs_total=n // 2)
       else:
-        t = masked.sample_times(jax.random.fold_in(key, 0), b, d.t_min, "stratified")
+        t = masked.sample_times(jax.random.fold_in(key, 0), b, d.t_min, "stratified",
+                                global_batch=n, index=index)
     ex_id = batch.get("example_id", jnp.arange(b, dtype=jnp.int32))
     keys = example_keys(jax.random.fold_in(key, 1), ex_id)
     u = jax.vmap(lambda k: jax.random.uniform(k, (length,), jnp.float32))(keys)
@@ -184,8 +196,10 @@ class DID(Method):
     total = jnp.sum(dise if self.variant == "variable" else dice)
     n_tok = jnp.sum(model["n_tokens"]).astype(jnp.float32)
     b = batch["tokens"].shape[0]
+    extra = {}
     if d.normalize == "token":
       loss = total / jnp.maximum(n_tok, 1.0)
+      extra["loss_weight"] = n_tok  # gradient accumulation weighs micro-batches by it
     elif d.normalize == "sequence":
       loss = total / b
     else:
@@ -201,7 +215,7 @@ class DID(Method):
         model_real_tokens=real,                                 # non-padding model slots
         model_tokens_ratio=jnp.float32(g * lay.model_len / (b * batch["tokens"].shape[1])),
         overflow_tokens=jnp.sum(model["overflow_tokens"]).astype(jnp.float32),
-        overflow_rows=jnp.sum((model["overflow_content"] > 0).astype(jnp.float32)))
+        overflow_rows=jnp.sum((model["overflow_content"] > 0).astype(jnp.float32)), **extra)
     return loss, metrics
 
   def eval_sums(self, params, batch, key):

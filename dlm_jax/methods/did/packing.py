@@ -139,9 +139,15 @@ def pack_survivors(tokens: Array, segment_ids: Array, keep: Array, t: Array, spe
               overflow_tokens=count(kept & ~inc), overflow_content=count(content & ~inc))
 
 
-def antithetic_times(key: Array, num_pairs: int, t_min: float) -> Array:
-  """t [2 P]: rows 2k, 2k+1 get t_min + (1 - t_min) s_k and t_min + (1 - t_min)(1 - s_k), s_k stratified."""
-  s = masked.sample_times(key, num_pairs, 0.0, "stratified")
+def antithetic_times(key: Array, num_pairs: int, t_min: float, pair_index: Array | None = None,
+                     num_pairs_total: int | None = None) -> Array:
+  """t [2 P]: rows 2k, 2k+1 get t_min + (1 - t_min) s_k and t_min + (1 - t_min)(1 - s_k), s_k stratified.
+
+  The strata are over `num_pairs_total` pairs (default P), pair k being pair `pair_index[k]` of
+  them (default k): a micro-batch draws the times its pairs have in the whole batch.
+  """
+  s = masked.sample_times(key, num_pairs, 0.0, "stratified", global_batch=num_pairs_total,
+                          index=pair_index)
   ta = t_min + (1.0 - t_min) * s
   tb = t_min + (1.0 - t_min) * (1.0 - s)
   return jnp.stack([ta, tb], axis=1).reshape(-1)
