@@ -9,6 +9,7 @@ and deduplicated by row name) and compile_table.md (the table the READMEs quote)
   python benchmarks/compile_table.py --rows=largest         # the largest-model rows
   python benchmarks/compile_table.py --rows=mdlm_owt@v5e-16 # one row by name
   python benchmarks/compile_table.py --table_only           # rewrite the .md from the .json
+  python benchmarks/compile_table.py --reuse ...            # rows whose report exists: no compile
 
 Next to each compiled figure the table gives the scaling note's arithmetic (launch/README.md) for
 the same row: parameters + optimizer state + EMA + gradients, and activations per the note's
@@ -76,9 +77,18 @@ def note_estimate(report: dict) -> dict:
               total=state + rows_per_device * per_seq)
 
 
-def run_row(name: str, spec: dict, timeout: int) -> dict:
+def _finish(name: str, spec: dict, report: dict, wall) -> dict:
+  report.update(name=name, wall_seconds=wall, flags=spec["flags"], config=spec["config"],
+                note=note_estimate(report))
+  return report
+
+
+def run_row(name: str, spec: dict, timeout: int, reuse: bool = False) -> dict:
   out = os.path.join(RESULTS, "compile_reports", name.replace("@", "_") + ".json")
   os.makedirs(os.path.dirname(out), exist_ok=True)
+  if reuse and os.path.exists(out):
+    print(f"{name}: reusing {out}", flush=True)
+    return _finish(name, spec, json.load(open(out, encoding="utf-8")), None)
   cmd = [sys.executable, "-m", "dlm_jax.compile", f"--config={spec['config']}",
          f"--topology={spec['topology']}", "--sample=false", f"--json={out}", *spec["flags"]]
   print(f"[{time.strftime('%H:%M:%S')}] {name}: {' '.join(cmd[2:])}", flush=True)
@@ -92,9 +102,7 @@ def run_row(name: str, spec: dict, timeout: int) -> dict:
   if r.returncode not in (0, 1) or not os.path.exists(out):
     tail = (r.stderr or r.stdout).strip().splitlines()[-3:]
     return dict(name=name, error=" | ".join(tail), wall_seconds=wall, **spec)
-  report = json.load(open(out, encoding="utf-8"))
-  report.update(name=name, wall_seconds=wall, flags=spec["flags"], config=spec["config"],
-                note=note_estimate(report))
+  report = _finish(name, spec, json.load(open(out, encoding="utf-8")), wall)
   t = report["train"]
   print(f"  -> {'fits' if t['fits'] else 'DOES NOT FIT'}: {t['total'] / GiB:.2f} of "
         f"{t['usable'] / GiB:.2f} GiB per device (compile {t['compile_seconds']:.0f} s, wall "
@@ -137,6 +145,8 @@ def main():
   p.add_argument("--rows", default="paper", help="paper | largest | all | comma list of row names")
   p.add_argument("--timeout", type=int, default=3600, help="seconds per compile")
   p.add_argument("--table_only", action="store_true")
+  p.add_argument("--reuse", action="store_true",
+                 help="tabulate a row's existing compile_reports/<row>.json instead of compiling")
   args = p.parse_args()
   path = os.path.join(RESULTS, "compile_table.json")
   results = json.load(open(path, encoding="utf-8")) if os.path.exists(path) else {}
@@ -147,7 +157,7 @@ def main():
     if unknown:
       sys.exit(f"unknown rows {unknown}; known: {list(ROWS)}")
     for name in names:
-      results[name] = run_row(name, ROWS[name], args.timeout)
+      results[name] = run_row(name, ROWS[name], args.timeout, args.reuse)
       with open(path, "w", encoding="utf-8") as f:
         json.dump(results, f, indent=1, default=str)
   table = write_table(results)
