@@ -91,11 +91,11 @@ def _cfg(**kw):
   c = tiny_config()
   c.model.attention, c.model.dtype = "cudnn", "bfloat16"
   for k, v in kw.items():
-    node, *path = k.split("__")
-    target = c[node]
-    for p in path[:-1]:
+    *path, field = k.split("__")
+    target = c
+    for p in path:
       target = target[p]
-    target[path[-1]] = v
+    target[field] = v
   return c
 
 
