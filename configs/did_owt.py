@@ -13,12 +13,14 @@ with data.packing=pad on a short-document corpus.
 Needs the OpenWebText ArrayRecord files prepared once with
   python -m dlm_jax.prepare --dataset=openwebtext --source_dir=/path/to/owt --data_dir=DIR
 and `--config.data.tfds_data_dir=DIR`.
+
+`--config=configs/did_owt.py:runlocal` is its small local twin (see configs/mdlm_owt.py).
 """
 
 from configs import mdlm_owt
 
 
-def get_config():
+def get_config(arg=None):
   c = mdlm_owt.get_config()
   c.method = "did"
   c.model.max_len = 1025                 # [BOS] + up to 1024 tokens
@@ -32,4 +34,4 @@ def get_config():
   c.sample.num_steps = 1024
   c.sample.capacity = 1024
   c.sample.gen_len = 0
-  return c
+  return mdlm_owt.shrink(c, arg or "")

@@ -3,12 +3,38 @@
 Needs the OpenWebText ArrayRecord files prepared once with
   python -m dlm_jax.prepare --dataset=openwebtext --source_dir=/path/to/owt --data_dir=DIR
 and `--config.data.tfds_data_dir=DIR`.
+
+`--config=configs/mdlm_owt.py:runlocal` is its small local twin (2 blocks of width 128 with 2 heads,
+so the paper's head dimension 64, length 256, batch 16; the same vocabulary, attention and settings
+otherwise): a smoke run, and what the tests compile for a TPU instead of the full size.
 """
 
 from configs import base
 
 
-def get_config():
+VARIANTS = ("", "runlocal")
+
+
+def shrink(c, arg):
+  """Applies the named variant (`VARIANTS`) to a paper-scale config."""
+  if arg not in VARIANTS:
+    raise ValueError(f"unknown config variant {arg!r}; choose one of {VARIANTS[1:]} (or none).")
+  if arg == "runlocal":
+    c.model.num_layers = 2
+    c.model.d_model = 128
+    c.model.num_heads = 2
+    c.data.seq_len = 256
+    c.model.max_len = 256 + (c.model.max_len - 1024)  # did_owt keeps its +1 for BOS
+    c.train.global_batch_size = 16
+    c.train.log_every = 10
+    c.sample.gen_len = 0
+    c.sample.num_steps = 16
+    if c.sample.capacity:
+      c.sample.capacity = 256
+  return c
+
+
+def get_config(arg=None):
   c = base.get_config()
   c.method = "mdlm"
   c.data.source = "tfds"
@@ -36,4 +62,4 @@ def get_config():
   c.train.ckpt_every = 5_000
   c.sample.num_steps = 1000
   c.sample.gen_len = 1024
-  return c
+  return shrink(c, arg or "")

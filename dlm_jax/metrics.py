@@ -325,8 +325,12 @@ class Progress:
     parts = [f"step {step:>7d}/{self.total}", f"loss {metrics.get('loss', float('nan')):.4f}"]
     if "bits_per_token" in metrics:
       parts.append(f"bpt {metrics['bits_per_token']:.3f}")
-    parts += [f"lr {metrics.get('lr', 0.0):.2e}", f"tok/s {rates['tokens_per_sec']:,.0f}",
-              f"ETA {eta_s}"]
+    parts += [f"lr {metrics.get('lr', 0.0):.2e}", f"tok/s {rates['tokens_per_sec']:,.0f}"]
+    if "tflops_per_device" in rates:
+      parts.append(f"TFLOP/s/dev {rates['tflops_per_device']:.3g}")
+    if "mfu" in rates:
+      parts.append(f"MFU {100 * rates['mfu']:.1f}%")
+    parts.append(f"ETA {eta_s}")
     return " | ".join(parts)
 
   def log(self, step: int, metrics: Mapping[str, float], rates: Mapping[str, float]) -> None:

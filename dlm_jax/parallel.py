@@ -95,6 +95,36 @@ def make_mesh(mesh_cfg: Any, devices: Sequence[jax.Device] | None = None) -> Mes
   return Mesh(arr, MESH_AXES)
 
 
+def split_axes(mesh: Any, batch: int, dim: int | None = None) -> tuple[tuple[str, ...], str | None]:
+  """Mesh axes a per-device computation (`shard_map`) can split over: (batch axes, tensor axis).
+
+  The batch axes are those of BATCH_AXES that exist, are not manual already, have size > 1 and
+  keep dividing `batch`; the tensor axis is TENSOR_AXIS when usable and it divides `dim` (heads,
+  vocabulary), else None. Axes left out replicate the work, which stays correct.
+  """
+  shape = dict(mesh.shape)
+  manual = set(getattr(mesh, "manual_axes", ()) or ())
+  usable = lambda a: a in shape and a not in manual and shape[a] > 1  # noqa: E731
+  axes, size = [], 1
+  for a in BATCH_AXES:
+    if usable(a) and batch % (size * shape[a]) == 0:
+      axes.append(a)
+      size *= shape[a]
+  tensor = TENSOR_AXIS if (dim is not None and usable(TENSOR_AXIS)
+                           and dim % shape[TENSOR_AXIS] == 0) else None
+  return tuple(axes), tensor
+
+
+def active_mesh(mesh: Any = None) -> Any:
+  """`mesh`, else the (abstract) mesh set with `jax.set_mesh` while tracing, else None."""
+  if mesh is not None:
+    return mesh
+  abstract = jax.sharding.get_abstract_mesh()
+  if abstract is None or abstract.empty:
+    return None
+  return abstract
+
+
 def data_parallel_size(mesh: Mesh) -> int:
   return mesh.shape["data"] * mesh.shape["fsdp"]
 

@@ -153,7 +153,7 @@ def test_sparse_output_head_gives_the_exact_loss(budget, tied, monkeypatch):
   params = exp.init_state(0).params
 
   def run(b):
-    monkeypatch.setattr(mdlm_method, "head_budget", lambda *_: b)
+    monkeypatch.setattr(mdlm_method, "head_budget", lambda *_, **__: b)
     f = jax.jit(jax.value_and_grad(
         lambda p: exp.method.train_loss(p, batch, jax.random.key(3))[0]))
     return f(params)

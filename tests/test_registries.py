@@ -27,7 +27,7 @@ def test_each_registry_names_its_plugins_and_refuses_others():
   assert set(decoders.names()) == {"ancestral", "threshold", "fixed_k", "did", "autoregressive"}
   assert set(decoders.names("masked")) == {"ancestral", "threshold", "fixed_k"}
   assert set(sources.names()) == {"bible", "text", "tfds", "arith", "hmm", "hmm_varlen", "sft"}
-  assert set(attention.names()) == {"xla", "pallas", "auto"}
+  assert set(attention.names()) == {"xla", "pallas", "splash", "cudnn", "auto"}
   for field, value, registry in (("method", "gpt", "methods"), ("data.source", "wiki", "sources"),
                                  ("sample.decoder", "beam", "decoders"),
                                  ("model.attention", "flash", "attention")):

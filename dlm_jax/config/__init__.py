@@ -16,13 +16,14 @@ import ml_collections
 
 from dlm_jax import paths
 from dlm_jax.config import schema
-from dlm_jax.config.schema import ALIASES
+from dlm_jax.config.schema import ALIASES, LEGACY_VALUES
 
 # Fixed enumerations (not plug-ins; those are checked against their registries).
 CHOICES = {
     "data.packing": ("pack", "pad"),
     "model.dtype": ("float32", "bfloat16"),
     "model.position_embedding": ("rope", "learned"),
+    "model.remat": ("none", "full", "attention", "dots"),
     "model.rope_freqs": ("neg_power", "reciprocal"),
     "diffusion.schedule": ("loglinear", "cosine"),
     "diffusion.time_sampling": ("stratified", "vdm", "iid", "example"),
@@ -94,6 +95,33 @@ def apply_aliases(config: ml_collections.ConfigDict) -> list[str]:
   return moved
 
 
+def _legacy_value(name: str, value: Any) -> Any:
+  """The current value for a value of `name` that changed meaning (see schema.LEGACY_VALUES)."""
+  table = LEGACY_VALUES.get(name, {})
+  if isinstance(value, (bool, str)) and value in table and not (
+      isinstance(value, str) and table[value] == value):
+    logging.warning("config.%s=%r is deprecated; it means %r now.", name, value, table[value])
+    return table[value]
+  return value
+
+
+def apply_legacy_values(config: ml_collections.ConfigDict) -> None:
+  """Rewrites old values of fields whose meaning changed (in place; see schema.LEGACY_VALUES)."""
+  for name in LEGACY_VALUES:
+    try:
+      value = get_field(config, name)
+    except (KeyError, AttributeError):
+      continue
+    new = _legacy_value(name, value)
+    if new is not value:
+      *parents, last = name.split(".")
+      node = config
+      for part in parents:
+        node = node[part]
+      with node.ignore_type():
+        node[last] = new
+
+
 def check_schema(config: ml_collections.ConfigDict) -> None:
   """Unknown fields and wrong types, compared with the schema."""
   ref_flat = _flatten(get_schema())
@@ -124,12 +152,13 @@ def from_saved(saved: Any) -> ml_collections.ConfigDict:
   """
   cfg = get_schema()
 
-  def merge(dst, src):
+  def merge(dst, src, prefix=""):
     for k, v in src.items():
       if k not in dst:
         continue
+      v = _legacy_value(prefix + k, v)
       if isinstance(dst[k], ml_collections.ConfigDict):
-        merge(dst[k], v)
+        merge(dst[k], v, prefix + k + ".")
       elif isinstance(dst[k], float) and isinstance(v, int) and not isinstance(v, bool):
         dst[k] = float(v)
       else:
@@ -152,6 +181,7 @@ def validate(config: ml_collections.ConfigDict, *, num_data_parallel: int | None
       its own tokenizer files).
   """
   apply_aliases(config)
+  apply_legacy_values(config)
   check_schema(config)
   for name, choices in CHOICES.items():
     value = get_field(config, name)

@@ -24,6 +24,14 @@ ALIASES = {
 }
 
 
+# Values that changed meaning: field -> {old value: new value} (configs and checkpoints that
+# predate the change keep working; the old value logs a warning).
+LEGACY_VALUES = {
+    "model.remat": {True: "full", False: "none", "true": "full", "false": "none",
+                    "True": "full", "False": "none"},
+}
+
+
 def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.method = "mdlm"          # a registered method: mdlm | did | ar
@@ -57,7 +65,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.attention = "xla"  # a registered attention backend: xla | pallas, or auto
   c.model.time_conditioning = False
   c.model.cond_dim = 128
-  c.model.remat = False
+  c.model.remat = "none"     # rematerialisation policy per block: none | full | attention | dots
   c.model.rope_theta = 10000.0
   c.model.position_embedding = "rope"  # rope | learned (absolute positions, as in spec/trims.md's toy)
   c.model.tie_embeddings = False

@@ -86,6 +86,10 @@ class Method:
   # Metrics that are counts over the batch (summed over micro-batches; the others are averaged).
   summed_metrics: tuple[str, ...] = ()
 
+  def train_model_shape(self, batch_size: int) -> tuple[int, int]:
+    """(rows, length) of the network input of one training step on `batch_size` data rows."""
+    return batch_size, self.config.data.seq_len + self.extra_positions
+
   def apply(self, params: Any, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array,
             t: jax.Array | None, dropout_key: jax.Array | None = None,
             features_only: bool = False, t_index: jax.Array | None = None):

@@ -4,11 +4,13 @@ are the masked family of `dlm_jax.sampling`."""
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from dlm_jax.config import ConfigError
 from dlm_jax.diffusion import masked as mdlm_lib
@@ -33,19 +35,52 @@ def default_maskable(batch: dict[str, jax.Array], bos_id: int) -> jax.Array:
 
 
 def head_budget(batch: int, length: int, time_sampling: str = "stratified") -> int:
-  """Static number of positions the sparse output head scores in a training step.
+  """Static number of positions the sparse output head scores on one device's `batch` rows.
 
-  About half the B L tokens are masked. The masked count's variance is sum_b L t_b (1 - t_b)
+  About half the tokens are masked. The masked count's variance is sum_b L t_b (1 - t_b)
   (about B L / 6) plus that of L sum_b t_b: L^2 / (12 B) for stratified t (independent
-  offsets), at most L^2 / 12 for 'vdm', B L^2 / 12 for independent t ('iid', 'example'). The
-  budget is the mean plus 5 standard deviations plus 32, rounded up to 64 (overflow
-  probability < 1e-6; an overflowing step runs the dense head, so the loss stays exact).
+  offsets), at most L^2 / 12 for 'vdm', B L^2 / 12 for independent t ('iid', 'example').
+  A device's rows hold strata spread over [0, 1) (`spread_order`), whose mean is within one
+  row of 1/2: the budget adds L for that, then 5 standard deviations plus 32, rounded up to 64
+  (overflow probability < 1e-6; an overflowing shard runs the dense head, so the loss stays
+  exact).
   """
   n = batch * length
   var_t = {"stratified": length**2 / (12 * batch), "vdm": length**2 / 12}.get(
       time_sampling, batch * length**2 / 12)
-  k = n / 2 + 5 * math.sqrt(n / 6 + var_t) + 32
+  k = n / 2 + length + 5 * math.sqrt(n / 6 + var_t) + 32
   return min(n, int(-(-k // 64) * 64))
+
+
+def spread_order(n: int) -> np.ndarray:
+  """A fixed permutation of range(n) whose aligned contiguous blocks are spread evenly over [0, n).
+
+  Row i of a batch gets stratum spread_order(n)[i] of the stratified times, so every device's
+  contiguous block of rows sees small and large t alike (its masked count, and so the per-device
+  budget of the sparse head, stays near half its tokens), whatever the device count. It is the
+  mixed-radix digit reversal of i with the odd prime factors of n as the lowest digits and the
+  2s above them (for a power of two: the bit reversal): a block of b rows, with b = n / (a power
+  of two), gets strata n / b apart.
+  """
+  radices, m = [], n
+  for p in range(3, int(math.isqrt(max(n, 1))) + 2, 2):
+    while m % p == 0:
+      radices.append(p)
+      m //= p
+  if m > 1 and m % 2:
+    radices.append(m)
+    m = 1
+  while m > 1 and m % 2 == 0:
+    radices.append(2)
+    m //= 2
+  i = np.arange(n)
+  out = np.zeros(n, np.int64)
+  weight = n
+  for r in radices:  # digit t (radix r_t, least significant first) gets weight prod_{s > t} r_s
+    weight //= r
+    out += (i % r) * weight
+    i //= r
+  return out
 
 
 class MDLM(Method):
@@ -95,8 +130,11 @@ class MDLM(Method):
             jax.random.fold_in(k, 7), (), jnp.float32, d.t_min, 1.0))(ex_keys)
       else:
         # Stratified over the update's global batch (a micro-batch of gradient accumulation
-        # draws its rows' strata of it).
+        # draws its rows' strata of it), strata spread over the rows so that every device's rows
+        # cover [0, 1) (see `spread_order`).
         index, n = step_rows(batch, self.config.train.global_batch_size)
+        if d.time_sampling in ("stratified", "vdm"):
+          index = jnp.asarray(spread_order(n))[index]
         t = mdlm_lib.sample_times(jax.random.fold_in(key, 0), b, d.t_min, d.time_sampling,
                                   global_batch=n, index=index)
       xt, is_masked = mdlm_lib.forward_mask(ex_keys, tokens, t, maskable, self.schedule,
@@ -126,8 +164,8 @@ class MDLM(Method):
     xt, is_masked, t, maskable = self.corrupt(batch, key)
     dropout_key = jax.random.fold_in(key, 2) if train else None
     if weighting != "uniform" and d.normalize == "token":
-      budget = head_budget(xt.shape[0], xt.shape[1], d.time_sampling)
-      if budget < xt.size:
+      if head_budget(xt.shape[0], xt.shape[1], d.time_sampling) < xt.size:
+        budget = functools.partial(head_budget, time_sampling=d.time_sampling)
         return self._sparse_head_loss(params, batch, xt, is_masked & maskable, t, maskable,
                                       dropout_key, budget)
     logits, _ = self.apply(params, xt, batch["positions"], batch["segment_ids"], t, dropout_key)
@@ -154,11 +192,12 @@ class MDLM(Method):
 
     The loss reads masked slots only, and with stratified t about half the tokens are masked,
     so this skips about half of the head's matmul and softmax (the largest cost at V = 50k).
-    The head and its cross-entropy are fused (`output_head.masked_head_nll`): the [N, V] logits
-    are not kept for the backward pass, and when more than `budget` slots are masked the dense
-    head runs instead, so the result is always the exact loss.
+    The head and its cross-entropy are fused (`output_head.masked_head_nll`): it selects the
+    masked slots of each device's own rows (`budget(local_rows, L)` per device), runs the head
+    in chunks of rows, never keeps the logits for the backward pass, and runs the dense head on a
+    device whose masked slots exceed its budget, so the result is always the exact loss.
+    `dense_head` counts those devices.
     """
-    b, length = xt.shape
     h, _ = self.apply(params, xt, batch["positions"], batch["segment_ids"], t, dropout_key,
                       features_only=True)
     if self.model_cfg.tie_embeddings:
@@ -166,17 +205,17 @@ class MDLM(Method):
       bias = None
     else:
       kernel, bias = params["head"]["kernel"], params["head"]["bias"]
-    weights = jnp.where(scored, self.schedule.weight(t)[:, None], 0.0).reshape(-1)
-    nll_sum = output_head.masked_head_nll(
-        h.reshape(b * length, -1), kernel, bias, batch["tokens"].reshape(-1), weights, budget,
-        self.ids.mask, DTYPES[self.model_cfg.dtype])
+    weights = jnp.where(scored, self.schedule.weight(t)[:, None], 0.0)
+    nll_sum, overflow = output_head.masked_head_nll_and_overflow(
+        h, kernel, bias, batch["tokens"], weights, budget, self.ids.mask,
+        DTYPES[self.model_cfg.dtype])
     count = jnp.sum(scored.astype(jnp.int32))
     maskable_count = jnp.sum(maskable.astype(jnp.float32))
     token_count = jnp.maximum(maskable_count, 1.0)
     loss = nll_sum / token_count
     return loss, dict(loss=loss, nelbo=loss, bits_per_token=loss / jnp.log(2.0),
                       masked_frac=count / token_count,
-                      dense_head=(count > budget).astype(jnp.float32),
+                      dense_head=jax.lax.stop_gradient(overflow),
                       loss_weight=maskable_count)
 
   def eval_sums(self, params, batch, key):

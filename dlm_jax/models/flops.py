@@ -4,7 +4,9 @@ One forward pass over a length-L sequence, n_layers blocks of width d, MLP ratio
 (per token per block: QKV + output projection 8 d^2, MLP 4 r d^2, QK^T and AV 4 L d):
   blocks = L n_layers (8 d^2 + 4 r d^2 + 4 L d)
   full   = L (n_layers (8 d^2 + 4 r d^2 + 4 L d) + 2 d V)   (adds the output projection).
-A training step costs about 3x the forward (backward = 2x forward).
+A training step costs about 3x the forward (backward = 2x forward): `train_step_flops`, the "model
+FLOPs" of MFU (rematerialisation's recomputation is not counted, nor the adaLN time projections,
+which run once per row).
 """
 
 from __future__ import annotations
@@ -41,3 +43,14 @@ def forward_flops_per_token(cfg, seq_len: int) -> float:
   """Forward FLOPs per token of a `TransformerConfig` ("full" convention)."""
   return forward_flops(cfg.num_layers, cfg.d_model, seq_len, cfg.vocab_size, cfg.mlp_ratio,
                        "full") / float(seq_len)
+
+
+def train_step_flops(cfg, rows: int, length: int) -> float:
+  """Model FLOPs of one training step over `rows` network rows of `length` tokens ("full": 3 x forward).
+
+  `cfg` is a `TransformerConfig` (num_layers, d_model, vocab_size, mlp_ratio). A masked-only head
+  (MDLM's) runs the vocabulary projection on about half the rows, so the compiled step does less
+  than this count; MFU keeps the conventional dense count.
+  """
+  return 3.0 * rows * forward_flops(cfg.num_layers, cfg.d_model, length, cfg.vocab_size,
+                                    cfg.mlp_ratio, "full")

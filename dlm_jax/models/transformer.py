@@ -21,11 +21,30 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 import numpy as np
 
 from dlm_jax.models import attention as attention_lib
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+# Rematerialisation per block (`config.model.remat`): what a block keeps for the backward pass.
+#   none       everything XLA keeps (no recomputation);
+#   full       only the block's input: the whole block is recomputed (about +1 forward of FLOPs);
+#   attention  the block's input and its attention output: the matmuls, norms and MLP are
+#              recomputed, attention (the kernel call) is not;
+#   dots       the outputs of the weight matmuls and of attention: only elementwise work (norms,
+#              GELU, RoPE, adaLN) is recomputed; most of remat's saving on the [L, 4d] MLP input
+#              to GELU, little extra compute.
+ATTENTION_OUT = "attention_out"
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "attention": jax.checkpoint_policies.save_only_these_names(ATTENTION_OUT),
+    "dots": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+        jax.checkpoint_policies.save_only_these_names(ATTENTION_OUT)),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,7 +65,7 @@ class TransformerConfig:
   aux_outputs: int = 0
   rope_theta: float = 10000.0
   position_embedding: str = "rope"  # rope | learned (absolute, [max_len, d], added to the input)
-  remat: bool = False
+  remat: str = "none"  # REMAT_POLICIES
   tie_embeddings: bool = False
   # The published PyTorch MDLM DiT (defaults keep the dlm-jax network):
   adaln_always: bool = False         # time MLP + adaLN even without time_conditioning (fed t = 0)
@@ -210,6 +229,7 @@ class Block(nn.Module):
     v = nn.with_logical_constraint(v, ("batch", "length", "heads", "kv"))
     attend = attention_lib.get_attention_fn(cfg.attention)
     o = attend(q, k, v, segment_ids, segment_ids, causal=cfg.causal)
+    o = checkpoint_name(o, ATTENTION_OUT)
     o = dense(cfg.d_model, ("heads", "kv", "embed"), "attn_out", dtype, use_bias=False,
               n_in=2)(o)
     o = nn.Dropout(cfg.dropout)(o, deterministic=deterministic)
@@ -277,8 +297,11 @@ class Transformer(nn.Module):
       cond = nn.silu(c)
 
     block = Block
-    if cfg.remat:
-      block = nn.remat(Block, static_argnums=(5,))
+    remat = {True: "full", False: "none"}.get(cfg.remat, cfg.remat)  # older configs: a bool
+    if remat not in REMAT_POLICIES:
+      raise ValueError(f"model.remat={cfg.remat!r}; choose one of {tuple(REMAT_POLICIES)}.")
+    if remat != "none":
+      block = nn.remat(Block, static_argnums=(5,), policy=REMAT_POLICIES[remat])
     for i in range(cfg.num_layers):
       x = block(cfg, name=f"block_{i}")(x, cond, positions, segment_ids, deterministic, t_index)
 

@@ -26,6 +26,7 @@ from dlm_jax import paths
 from dlm_jax.data import sources
 from dlm_jax.data import tokenizer_store
 from dlm_jax.models import attention
+from dlm_jax.models import flops as flops_lib
 from dlm_jax.run.checkpoint import CheckpointError
 from dlm_jax.sampling import decoders
 
@@ -86,7 +87,7 @@ def validate_config(config: ml_collections.ConfigDict, *, num_data_parallel: int
                       check_files=check_data)
   method_cls = methods.get_method_class(config.method)
   source = sources.get(config.data.source)
-  attention.check_config(config.model)
+  attention.check_config(config.model, config)
   method_cls.check_config(config)
   if check_data:
     source.check(config)
@@ -163,11 +164,14 @@ class Experiment:
 
   @classmethod
   def create(cls, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = None,
-             tokenizer: Any = None, check_data: bool = True) -> "Experiment":
-    """`check_data=False` (with the run's saved `tokenizer`): open a saved run without its data."""
+             tokenizer: Any = None, process_count: int | None = None,
+             check_data: bool = True) -> "Experiment":
+    """`process_count`: hosts the run spans (default: this job's); ahead-of-time compilation
+    passes the target topology's, since the batch must divide over its hosts.
+    `check_data=False` (with the run's saved `tokenizer`): open a saved run without its data."""
     mesh = mesh or parallel.make_mesh(config.mesh)
     validate_config(config, num_data_parallel=parallel.data_parallel_size(mesh),
-                    process_count=jax.process_count(), check_data=check_data)
+                    process_count=process_count or jax.process_count(), check_data=check_data)
     tokenizer = tokenizer or make_tokenizer(config)
     method = methods.make_method(config, tokenizer)
     tx, lr = make_optimizer(config.optim, config.train.num_steps)
@@ -202,6 +206,12 @@ class Experiment:
     abstract = jax.eval_shape(lambda k: nn.meta.unbox(self.method.init_params(k)),
                               jax.random.key(0))
     return int(sum(x.size for x in jax.tree.leaves(abstract)))
+
+  def step_flops(self) -> float:
+    """Analytic model FLOPs of one training step over the global batch (models/flops.py); the
+    network's rows and length come from the method (DID: packed model rows)."""
+    rows, length = self.method.train_model_shape(int(self.config.train.global_batch_size))
+    return flops_lib.train_step_flops(self.method.model_cfg, rows, length)
 
   def checkpoint_meta(self) -> dict[str, Any]:
     tok = self.tokenizer

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from dlm_jax import hardware
 from dlm_jax import metrics as metrics_lib
 from dlm_jax import parallel
 from dlm_jax import paths
@@ -260,13 +261,23 @@ def make_eval_step(exp: exp_lib.Experiment):
   return eval_step
 
 
-def compile_steps(exp: exp_lib.Experiment):
-  """jit-compiles the train and eval steps with declared shardings and a donated state."""
+def jit_steps(exp: exp_lib.Experiment):
+  """The train and eval steps under jax.jit with declared shardings and a donated state.
+
+  Not yet bound to the mesh: call them inside `parallel.sharding_context(exp.mesh)`. The trainer
+  runs them (`compile_steps`); `run/step.py` lowers the same objects ahead of time.
+  """
   state_sh = exp.state_shardings()
   rep = parallel.replicated(exp.mesh)
   train_step = jax.jit(make_train_step(exp), in_shardings=(state_sh, None, rep),
                        out_shardings=(state_sh, rep), donate_argnums=(0,))
   eval_step = jax.jit(make_eval_step(exp), out_shardings=rep)
+  return train_step, eval_step
+
+
+def compile_steps(exp: exp_lib.Experiment):
+  """jit-compiles the train and eval steps with declared shardings and a donated state."""
+  train_step, eval_step = jit_steps(exp)
   return (parallel.in_sharding_context(train_step, exp.mesh),
           parallel.in_sharding_context(eval_step, exp.mesh))
 
@@ -417,6 +428,8 @@ def _train(exp: exp_lib.Experiment, workdir: str, stop_after_steps: int | None,
   total = cfg.train.num_steps
   tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_len
   progress = metrics_lib.Progress(total, start_step, tokens_per_step)
+  flops_per_step = exp.step_flops()
+  peak_flops = hardware.peak_flops_per_device(list(exp.mesh.devices.flat))
   sigterm = _SigtermFlag()
   sigterm.install()
   last_saved = start_step
@@ -470,6 +483,8 @@ def _train(exp: exp_lib.Experiment, workdir: str, stop_after_steps: int | None,
         mean = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
         mean["nonfinite"] = float(np.sum([m["nonfinite"] for m in fetched]))
         rates = progress.rates(step, mean.get("model_tokens"))
+        rates.update(hardware.throughput(flops_per_step, rates["steps_per_sec"], exp.mesh.size,
+                                         peak_flops))
         mean.update(rates)
         writer.write_scalars(step, mean, prefix="train/")
         progress.log(step, mean, rates)

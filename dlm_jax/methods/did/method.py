@@ -30,6 +30,7 @@ from dlm_jax.diffusion.keys import example_keys, step_rows
 from dlm_jax.methods.base import Method
 import dlm_jax.methods.did.dp as dp
 import dlm_jax.methods.did.heads as heads
+import dlm_jax.methods.did.head_loss as heads_loss
 import dlm_jax.methods.did.loss as loss
 import dlm_jax.methods.did.noise as noise
 from dlm_jax.methods.did.packing import Layout, antithetic_times, pack_survivors
@@ -86,6 +87,11 @@ class DID(Method):
     return dataclasses.replace(cfg, aux_outputs=1, causal=False,
                                time_conditioning=self.variant == "variable")
 
+  def train_model_shape(self, batch_size: int) -> tuple[int, int]:
+    """Packed: the survivors of K data rows share one model row of `train_layout.model_len` slots."""
+    lay = self.train_layout
+    return batch_size // lay.rows_per_model_row, lay.model_len
+
   # -- pieces ----------------------------------------------------------------------------------
   def _special(self, tokens: Array) -> Array:
     return jnp.isin(tokens, jnp.asarray(self.disallowed, jnp.int32))
@@ -117,14 +123,47 @@ class DID(Method):
                                         self.disallowed)
 
   def _gap_losses(self, params, model, dropout_key=None) -> tuple[Array, Array]:
-    """(DISE, DICE) per model slot [G, Lm], time weight applied, 0 on padding."""
-    out = self.scores(params, model, dropout_key)
+    """(DISE, DICE) per model slot [G, Lm], time weight applied, 0 on padding.
+
+    The V-wide part (head, heads.py, loss terms) runs on chunks of model rows of each device's
+    own rows (`_chunked_gap_losses`), so no [rows, Lm, V] float32 tensor exists at once.
+    """
+    h, _ = self.apply(params, model["tokens"], model["positions"], model["segment_ids"],
+                      model["t_rows"], dropout_key, features_only=True, t_index=model["t_index"])
     _, logw = dp.log_insertion_weights(model["x0"], model["x0_len"], model["xt"], model["xt_len"])
+    logw = jax.lax.stop_gradient(logw[:, :, 1:])
     row_valid = model["segment_ids"] > 0
-    s, cross, ent, rho = loss.gap_loss_terms(out, model["x0"], model["x0_len"], logw[:, :, 1:],
-                                                row_valid)
     wt = jnp.where(row_valid, noise.loss_weight(jnp.maximum(model["t"], 1e-6)), 0.0)
-    return wt * (s - cross + ent - rho), wt * (ent - cross)
+    return heads_loss.chunked_gap_losses(
+        self._head_params(params), h, dict(model, logw=logw, wt=wt), self._head_loss_one)
+
+  def _head_params(self, params) -> dict[str, Any]:
+    """The head's parameters: token projection (untied or the scaled embedding) and the row head."""
+    cfg = self.model_cfg
+    if cfg.tie_embeddings:
+      kernel, bias = params["embed"]["embedding"].T / np.sqrt(cfg.d_model), None
+    else:
+      kernel, bias = params["head"]["kernel"], params["head"]["bias"]
+    return dict(kernel=kernel, bias=bias, aux_kernel=params["aux_head"]["kernel"],
+                aux_bias=params["aux_head"]["bias"])
+
+  def _head_loss_one(self, hp, h, m) -> tuple[Array, Array]:
+    """(DISE, DICE) [c, Lm] of a chunk of model rows from their hidden states h [c, Lm, d]."""
+    dtype = h.dtype
+    logits = jnp.einsum("cld,dv->clv", h, hp["kernel"].astype(dtype),
+                        preferred_element_type=jnp.float32)
+    if hp["bias"] is not None:
+      logits = logits + hp["bias"].astype(jnp.float32)
+    row = (jnp.einsum("cld,da->cla", h.astype(jnp.float32), hp["aux_kernel"]) + hp["aux_bias"])[..., 0]
+    if self.variant == "variable":
+      out = heads.count_softmax_head(logits, row, float(self.config.did.max_log_count),
+                                     self.disallowed)
+    else:
+      out = heads.segment_seqnorm_head(logits, row, m["segment_ids"], m["n_missing"],
+                                       self.disallowed)
+    row_valid = m["segment_ids"] > 0
+    s, cross, ent, rho = loss.gap_loss_terms(out, m["x0"], m["x0_len"], m["logw"], row_valid)
+    return m["wt"] * (s - cross + ent - rho), m["wt"] * (ent - cross)
 
   def corrupt(self, batch: dict[str, Array], key: Array, layout: Layout, t: Array | None = None
               ) -> dict[str, Array]:
