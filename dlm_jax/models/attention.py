@@ -130,9 +130,10 @@ def per_shard(fn: Callable[..., jax.Array], mesh: Any = None) -> Callable[..., j
     active = _active_mesh(mesh)
     if active is None or math.prod(dict(active.shape).values()) == 1:
       return fn(q, k, v, q_segment_ids, kv_segment_ids)
+    # A batch (and head count) that no mesh axis divides still goes through shard_map, with every
+    # device computing the whole call: XLA cannot partition a Mosaic/Triton call by itself (the
+    # fast samplers run the trunk on a few rows at a time).
     x_spec, seg_spec = _mesh_specs(active, q.shape[0], q.shape[2])
-    if x_spec == P(None, None, None, None):
-      return fn(q, k, v, q_segment_ids, kv_segment_ids)
     sharded = jax.shard_map(fn, mesh=active, in_specs=(x_spec, x_spec, x_spec, seg_spec, seg_spec),
                             out_specs=x_spec, check_vma=False)
     return sharded(q, k, v, q_segment_ids, kv_segment_ids)

@@ -113,11 +113,18 @@ def cached(method: Any, key: tuple, build: Callable[[], Callable]) -> Callable:
   return cache[key]
 
 
-def default_prompt(method: Any, batch_size: int, prompt: Any) -> jax.Array:
-  """[B, P] int32 prompt; [BOS] per row when none is given."""
+def default_prompt(method: Any, batch_size: int, prompt: Any) -> Any:
+  """[B, P] int32 prompt; [BOS] per row when none is given.
+
+  A host (numpy) array unless the prompt given is traced: the fast decoders lay out the
+  generation slots on the host, also when the whole decoder is traced under an outer jit (the
+  sampling step `python -m dlm_jax.compile` lowers).
+  """
   if prompt is None:
-    return jnp.full((batch_size, 1), method.ids.bos, jnp.int32)
-  return jnp.asarray(prompt, jnp.int32)
+    return np.full((batch_size, 1), method.ids.bos, np.int32)
+  if isinstance(prompt, jax.core.Tracer):
+    return jnp.asarray(prompt, jnp.int32)
+  return np.asarray(prompt, np.int32)
 
 
 def _pad_slots(layout: Any, block_len: int) -> Any:
