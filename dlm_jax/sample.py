@@ -112,6 +112,16 @@ def _write(out_dir: str, texts, tokens, nfe, summary: dict) -> None:
   paths.write_text(paths.join(out_dir, "samples_summary.json"), json.dumps(summary, indent=2))
 
 
+def _check_saved_options(workdir: str, step, overrides: dict) -> None:
+  """Checks the decoder options (saved sample config + overrides) before any weights load."""
+  base = api.read_run_config(workdir, step)[0]
+  s0 = base.sample
+  for k, v in overrides.items():
+    s0[k] = v
+  method_cls = methods.get_method_class(base.method)
+  decoders.check_options(s0, method_cls.family, method_cls.default_decoder, method_cls.name)
+
+
 def run_sampling(workdir: str, overrides: dict, num_samples: int | None, seed: int | None,
                  out_dir: str | None, step: int | None = None, use_ema: bool = True,
                  prompt: str | None = None) -> dict:
@@ -119,12 +129,7 @@ def run_sampling(workdir: str, overrides: dict, num_samples: int | None, seed: i
 
   `seed` None: config.sample.seed (after `overrides`).
   """
-  base = api.read_run_config(workdir, step)[0]
-  s0 = base.sample
-  for k, v in overrides.items():
-    s0[k] = v
-  method_cls = methods.get_method_class(base.method)
-  decoders.check_options(s0, method_cls.family, method_cls.default_decoder, method_cls.name)
+  _check_saved_options(workdir, step, overrides)
   run = api.load(workdir, step=step, use_ema=use_ema)
   s = run.config.sample
   for k, v in overrides.items():
@@ -166,12 +171,7 @@ def run_prompts(workdir: str, overrides: dict, num_samples: int | None, seed: in
     items += prompts_lib.read_prompts(prompts_file)
   if infill:
     items += prompts_lib.infill_items(infill)
-  base = api.read_run_config(workdir, step)[0]
-  s0 = base.sample
-  for k, v in overrides.items():
-    s0[k] = v
-  method_cls = methods.get_method_class(base.method)
-  decoders.check_options(s0, method_cls.family, method_cls.default_decoder, method_cls.name)
+  _check_saved_options(workdir, step, overrides)
   for it in items:
     if it.kind == "infill":
       try:

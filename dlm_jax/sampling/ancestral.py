@@ -198,6 +198,16 @@ def sample_loop(logits_fns: Sequence[LogitsFn], key: jax.Array, model_id: jax.Ar
   return state["tokens"], state["nfe"]
 
 
+def _model_ids(model_id: Optional[jax.Array], num_steps: int) -> jax.Array:
+  """[num_steps] int32 index of the model each step runs (all 0 when not given), checked."""
+  if model_id is None:
+    return jnp.zeros((int(num_steps),), jnp.int32)
+  if tuple(np.shape(model_id)) != (int(num_steps),):
+    raise ValueError(f"model_id must have shape [num_steps] = ({num_steps},), "
+                     f"got {tuple(np.shape(model_id))}")
+  return model_id
+
+
 def ancestral_sample(logits_fn: Union[LogitsFn, Sequence[LogitsFn]], key: jax.Array,
                      x_init: jax.Array, maskable: jax.Array, mask_id: int, num_steps: int,
                      schedule: Schedule = "loglinear", t_final: float = 0.0,
@@ -232,11 +242,7 @@ def ancestral_sample(logits_fn: Union[LogitsFn, Sequence[LogitsFn]], key: jax.Ar
   x_init = jnp.asarray(x_init)
   maskable = jnp.asarray(maskable)
   check_inputs(x_init, maskable, num_steps, t_final, uniforms)
-  if model_id is None:
-    model_id = jnp.zeros((int(num_steps),), jnp.int32)
-  elif tuple(np.shape(model_id)) != (int(num_steps),):
-    raise ValueError(f"model_id must have shape [num_steps] = ({num_steps},), "
-                     f"got {tuple(np.shape(model_id))}")
+  model_id = _model_ids(model_id, num_steps)
   tokens, nfe = sample_loop(fns, key, model_id, x_init, maskable, mask_id, num_steps, schedule,
                         t_final, use_cache, final_argmax, uniforms)
   return tokens, jnp.sum(nfe, axis=0)
@@ -425,11 +431,7 @@ def fast_ancestral_sample(denoiser: Union[sparse.Denoiser, Sequence[sparse.Denoi
   x_init = jnp.asarray(x_init)
   maskable = jnp.asarray(maskable)
   check_inputs(x_init, maskable, num_steps, t_final, uniforms)
-  if model_id is None:
-    model_id = jnp.zeros((int(num_steps),), jnp.int32)
-  elif tuple(np.shape(model_id)) != (int(num_steps),):
-    raise ValueError(f"model_id must have shape [num_steps] = ({num_steps},), "
-                     f"got {tuple(np.shape(model_id))}")
+  model_id = _model_ids(model_id, num_steps)
   if valid is not None:
     maskable = maskable & jnp.asarray(valid, jnp.bool_)
   tokens, nfe = fast_sample_loop(dens, key, model_id, x_init, maskable, mask_id, num_steps,

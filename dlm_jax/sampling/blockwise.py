@@ -309,6 +309,24 @@ def decode_fixed_k(logits_fn: LogitsFn, prompt_tokens: jax.Array, gen_len: int, 
                  steps_per_block=steps // n_blocks)
 
 
+def _check_threshold_options(tau: float, temperature: float, key: Optional[jax.Array],
+                             max_passes: Optional[int], r2: Optional[r2_lib.R2Config]) -> None:
+  """The option checks shared by the reference and the fast threshold decoders."""
+  if not 0.0 < float(tau) <= 1.0:
+    raise ValueError(f"tau must lie in (0, 1], got tau={tau}")
+  if temperature < 0.0:
+    raise ValueError(f"temperature must be >= 0, got {temperature}")
+  if temperature > 0.0 and key is None:
+    raise ValueError("temperature > 0 needs a PRNG key")
+  if max_passes is not None and max_passes < 1:
+    raise ValueError(f"max_passes must be >= 1 or None, got {max_passes}")
+  if r2 is not None:
+    if float(r2.tau) != float(tau):
+      raise ValueError(f"tau ({tau}) and r2.tau ({r2.tau}) disagree; set both to the same value")
+    if r2.token_cluster == "random" and r2.token_cluster_on and key is None:
+      raise ValueError("r2.token_cluster='random' needs a PRNG key")
+
+
 def decode_threshold(logits_fn: LogitsFn, prompt_tokens: jax.Array, gen_len: int,
                      block_len: int, tau: float = 0.9, *, mask_id: int,
                      temperature: float = 0.0, key: Optional[jax.Array] = None,
@@ -337,19 +355,7 @@ def decode_threshold(logits_fn: LogitsFn, prompt_tokens: jax.Array, gen_len: int
   """
   prompt_tokens = jnp.asarray(prompt_tokens)
   _check_lengths(prompt_tokens, gen_len, block_len)
-  if not 0.0 < float(tau) <= 1.0:
-    raise ValueError(f"tau must lie in (0, 1], got tau={tau}")
-  if temperature < 0.0:
-    raise ValueError(f"temperature must be >= 0, got {temperature}")
-  if temperature > 0.0 and key is None:
-    raise ValueError("temperature > 0 needs a PRNG key")
-  if max_passes is not None and max_passes < 1:
-    raise ValueError(f"max_passes must be >= 1 or None, got {max_passes}")
-  if r2 is not None:
-    if float(r2.tau) != float(tau):
-      raise ValueError(f"tau ({tau}) and r2.tau ({r2.tau}) disagree; set both to the same value")
-    if r2.token_cluster == "random" and r2.token_cluster_on and key is None:
-      raise ValueError("r2.token_cluster='random' needs a PRNG key")
+  _check_threshold_options(tau, temperature, key, max_passes, r2)
   return _decode(logits_fn, prompt_tokens, gen_len, block_len, mask_id, "threshold", tau=tau,
                  temperature=temperature, key=key, r2=r2, max_passes=max_passes)
 
@@ -409,19 +415,7 @@ def fast_decode_threshold(denoiser: sparse.Denoiser, layout: MaskedLayout, block
                           max_passes: Optional[int] = None,
                           budget: Optional[int] = None) -> DecodeResult:
   """`decode_threshold` on a `MaskedLayout`, at the cost of the trunk (see `fast_decode`)."""
-  if not 0.0 < float(tau) <= 1.0:
-    raise ValueError(f"tau must lie in (0, 1], got tau={tau}")
-  if temperature < 0.0:
-    raise ValueError(f"temperature must be >= 0, got {temperature}")
-  if temperature > 0.0 and key is None:
-    raise ValueError("temperature > 0 needs a PRNG key")
-  if max_passes is not None and max_passes < 1:
-    raise ValueError(f"max_passes must be >= 1 or None, got {max_passes}")
-  if r2 is not None:
-    if float(r2.tau) != float(tau):
-      raise ValueError(f"tau ({tau}) and r2.tau ({r2.tau}) disagree; set both to the same value")
-    if r2.token_cluster == "random" and r2.token_cluster_on and key is None:
-      raise ValueError("r2.token_cluster='random' needs a PRNG key")
+  _check_threshold_options(tau, temperature, key, max_passes, r2)
   return fast_decode(denoiser, layout, block_len, mask_id, "threshold", tau=tau,
                      temperature=temperature, key=key, r2=r2, max_passes=max_passes,
                      budget=budget)

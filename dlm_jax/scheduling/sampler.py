@@ -124,6 +124,19 @@ def resolve_schedule(spec: Union[str, ms.ModelSchedule], num_steps: Optional[int
   return sched
 
 
+def _checked_inputs(is_light, x_init, maskable, num_steps: int, t_final: float, uniforms):
+  """(x_init, maskable, model_id [T] int32: 1 where the light model runs), checked."""
+  if hasattr(is_light, "expand"):
+    is_light = is_light.expand()
+  x_init = jnp.asarray(x_init)
+  maskable = jnp.asarray(maskable)
+  ancestral.check_inputs(x_init, maskable, num_steps, t_final, uniforms)
+  if tuple(np.shape(is_light)) != (int(num_steps),):
+    raise ValueError(f"is_light must have shape [num_steps] = ({num_steps},), "
+                     f"got {tuple(np.shape(is_light))}")
+  return x_init, maskable, jnp.asarray(is_light).astype(jnp.int32)
+
+
 def scheduled_ancestral_sample(heavy_fn: ancestral.LogitsFn, light_fn: ancestral.LogitsFn, key: jax.Array,
                                is_light, x_init: jax.Array, maskable: jax.Array, mask_id: int,
                                num_steps: int, schedule: ancestral.Schedule = "loglinear",
@@ -147,15 +160,8 @@ def scheduled_ancestral_sample(heavy_fn: ancestral.LogitsFn, light_fn: ancestral
   Returns:
     (tokens [B, L] int32, nfe_heavy [B] int32, nfe_light [B] int32).
   """
-  if hasattr(is_light, "expand"):
-    is_light = is_light.expand()
-  x_init = jnp.asarray(x_init)
-  maskable = jnp.asarray(maskable)
-  ancestral.check_inputs(x_init, maskable, num_steps, t_final, uniforms)
-  if tuple(np.shape(is_light)) != (int(num_steps),):
-    raise ValueError(f"is_light must have shape [num_steps] = ({num_steps},), "
-                     f"got {tuple(np.shape(is_light))}")
-  model_id = jnp.asarray(is_light).astype(jnp.int32)
+  x_init, maskable, model_id = _checked_inputs(is_light, x_init, maskable, num_steps, t_final,
+                                               uniforms)
   tokens, nfe = ancestral.sample_loop((heavy_fn, light_fn), key, model_id, x_init, maskable, mask_id,
                         num_steps, schedule, t_final, use_cache, final_argmax, uniforms)
   return tokens, nfe[0], nfe[1]
@@ -176,15 +182,8 @@ def fast_scheduled_ancestral_sample(heavy: sparse.Denoiser, light: sparse.Denois
   Returns:
     (tokens [B, L] int32, nfe_heavy [B] int32, nfe_light [B] int32).
   """
-  if hasattr(is_light, "expand"):
-    is_light = is_light.expand()
-  x_init = jnp.asarray(x_init)
-  maskable = jnp.asarray(maskable)
-  ancestral.check_inputs(x_init, maskable, num_steps, t_final, uniforms)
-  if tuple(np.shape(is_light)) != (int(num_steps),):
-    raise ValueError(f"is_light must have shape [num_steps] = ({num_steps},), "
-                     f"got {tuple(np.shape(is_light))}")
-  model_id = jnp.asarray(is_light).astype(jnp.int32)
+  x_init, maskable, model_id = _checked_inputs(is_light, x_init, maskable, num_steps, t_final,
+                                               uniforms)
   tokens, nfe = ancestral.fast_sample_loop((heavy, light), key, model_id, x_init, maskable,
                                            mask_id, num_steps, schedule, t_final, use_cache,
                                            final_argmax, uniforms)
