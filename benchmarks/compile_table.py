@@ -55,7 +55,9 @@ _LARGEST = (("v4-8", "770m"), ("v4-32", "6.7b"), ("v5e-16", "2.7b"), ("v5p-8", "
             ("v5e-256", "13b"), ("v4-8", "1.5b"), ("v5e-16", "6.7b"),
             # compiled: 2.7b misses v5e-16 by 0.05 GiB, 6.7b misses v4-32 and 13b misses v5e-256
             # (28.6 GiB), so sizes further down; 1.5b (48 blocks) misses v5e-16 too (16.04 GiB)
-            ("v5e-16", "1.5b"), ("v4-32", "2.7b"), ("v5e-16", "770m"), ("v5e-256", "6.7b"))
+            ("v5e-16", "1.5b"), ("v4-32", "2.7b"), ("v5e-16", "770m"), ("v5e-256", "6.7b"),
+            # 6.7b fits v5p-8 with 25 GiB spare: the next size up shows that slice's boundary
+            ("v5p-8", "13b"))
 LARGEST = {f"mdlm_{size}@{topo}": dict(config="configs/mdlm_owt.py", topology=topo,
                                        flags=_size_flags(size)) for topo, size in _LARGEST}
 ROWS = {**PAPER, **LARGEST}
@@ -69,7 +71,11 @@ def note_estimate(report: dict) -> dict:
   block keeps its f32 input (4 s d) plus one block's working set. Output head: the note before
   issue 14 added 2 f32 [s, V] copies per sequence ('before'); corrected, the fused per-device
   head holds about 0.25 GB per device whatever the batch ('corrected'). DID processes its
-  packed model rows instead of data rows.
+  packed model rows instead of data rows. With parameters split over fsdp > 1, 'corrected' also
+  counts one bfloat16 copy of every block's gathered (whole) weights, 2 B per parameter on every
+  device: the compiled step holds them all at its peak (temporaries grow by 0.43 GiB per block of
+  d 4096 on v5e-256, 2 vs 6 blocks; one block's bf16 weights are 0.375 GiB), so the state divides
+  by the device count and this term does not.
   """
   m = report["model"]
   fsdp = report["mesh"]["fsdp"]
@@ -81,8 +87,9 @@ def note_estimate(report: dict) -> dict:
     per_seq = m["num_layers"] * s * d * 4 + 18 * s * d * 2
   old_head = rows_per_device * 2 * 4 * s * v
   act = rows_per_device * per_seq
-  return dict(state=state, activations=act, total=state + act + old_head,
-              corrected=state + act + 0.25e9)
+  gathered = 2.0 * report["parameters"] if fsdp > 1 else 0.0
+  return dict(state=state, activations=act, gathered_weights=gathered, total=state + act + old_head,
+              corrected=state + act + 0.25e9 + gathered)
 
 
 def _finish(name: str, spec: dict, report: dict, wall) -> dict:
@@ -171,6 +178,8 @@ def main():
   for r in results.values():  # the note's arithmetic as of this script (rows made earlier too)
     if "error" not in r:
       r["note"] = note_estimate(r)
+  with open(path, "w", encoding="utf-8") as f:
+    json.dump(results, f, indent=1, default=str)
   table = write_table(results)
   with open(os.path.join(RESULTS, "compile_table.md"), "w", encoding="utf-8") as f:
     f.write("# Compiled for TPU slices with `python -m dlm_jax.compile` (benchmarks/compile_table.py)"
