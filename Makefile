@@ -41,7 +41,8 @@ bench: install
 did-toy: install
 	$(PY) benchmarks/did_toy.py
 # DID vs MDLM on HMM-16 (exact likelihood): 4 arms x 3 seeds x 3,000 steps, then the report
-# (~70 min on lightly loaded 2 cores, ~4 h contended: above the issue's 40 min; resumable, stored pieces skipped);
+# (35 min on 2 quiet cores, two runs at a time pinned to one core each; resumable, stored pieces skipped, so
+# with the committed results it only re-draws the report: pass --out_dir/--root elsewhere to rerun it all);
 # did-hmm-map adds the 10,000-step runs of the map (checkpoints at 1k / 3k / 10k).
 did-hmm: install
 	$(PY) benchmarks/did_hmm.py
