@@ -45,9 +45,11 @@ def _loss_and_grads(exp, batch_np):
   return float(loss), jax.device_get(grads)
 
 
-# A budget of 5/8 of each device's tokens forces the masked-only fused output head
+# A budget of 3/4 of each device's tokens forces the masked-only fused output head
 # (models/output_head.py), which selects per device: B L = 256 on 1 device, 64 per device of 4.
-@pytest.mark.parametrize("shape,budget", [((2, 4, 1), None), ((4, 1, 2), None), ((2, 2, 2), 5 / 8)])
+# (5/8 overflowed on a device of this batch; before the head's chunks were sized per path the
+# budget was rounded up to all 64 rows, so the dense head ran and this test checked nothing.)
+@pytest.mark.parametrize("shape,budget", [((2, 4, 1), None), ((4, 1, 2), None), ((2, 2, 2), 3 / 4)])
 def test_loss_and_grads_same_on_1_and_8_devices(shape, budget, monkeypatch):
   if budget is not None:
     from dlm_jax.methods import mdlm as mdlm_method  # pylint: disable=g-import-not-at-top

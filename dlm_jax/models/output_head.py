@@ -45,6 +45,17 @@ def chunk_rows(vocab_local: int, rows: int, chunk_bytes: int = CHUNK_BYTES) -> i
   return max(1, min(c, rows))
 
 
+def chunking(rows: int, vocab_local: int, chunk_bytes: int = CHUNK_BYTES) -> tuple[int, int]:
+  """(rows per chunk, padded rows): the fewest chunks of at most `chunk_rows` rows covering `rows`,
+  sized evenly (a multiple of 8 when there are several), so padding stays under 8 rows a chunk."""
+  cap = chunk_rows(vocab_local, rows, chunk_bytes)
+  n_chunks = -(-rows // cap)
+  chunk = -(-rows // n_chunks)
+  if n_chunks > 1:
+    chunk = -(-chunk // 8) * 8  # <= cap: cap is a multiple of 8 and ceil(rows / n_chunks) <= cap
+  return chunk, n_chunks * chunk
+
+
 def _chunk_nll_and_grads(h, kernel, bias, targets, weights, mask_id, dtype, v_offset,
                          tensor_axis, chunk):
   """sum_i w_i CE_i, CE [K], and the gradients w.r.t. h [K, d], kernel [d, Vl], bias [Vl].
@@ -113,14 +124,15 @@ def _local_forward(h, kernel, bias, targets, weights, budget, mask_id, dtype, v_
   n, d = h.shape
   scored = weights != 0
   count = jnp.sum(scored.astype(jnp.int32))
-  chunk = chunk_rows(kernel.shape[1], n, chunk_bytes)
-  budget = -(-min(budget, n) // chunk) * chunk  # whole chunks (the padding rows have weight 0)
-  n_pad = -(-n // chunk) * chunk
+  # Each path in whole chunks of its own size (padding rows have weight 0). Rounding the budget up
+  # to the dense path's chunk could reach n and silently make every step dense.
+  chunk, budget = chunking(min(budget, n), kernel.shape[1], chunk_bytes)
+  dense_chunk, n_pad = chunking(n, kernel.shape[1], chunk_bytes)
 
   def dense(_):
     nll, ce, (dh, dk, db) = _chunk_nll_and_grads(
         _pad_rows(h, n_pad), kernel, bias, _pad_rows(targets, n_pad), _pad_rows(weights, n_pad),
-        mask_id, dtype, v_offset, tensor_axis, chunk)
+        mask_id, dtype, v_offset, tensor_axis, dense_chunk)
     return nll, jnp.where(scored, ce[:n], 0.0), (dh[:n], dk, db)
 
   def sparse(_):
