@@ -89,8 +89,14 @@ def _load(path: str) -> Any:
 # core with single-threaded XLA, finish about 1.6x sooner than one process using both cores (measured: 36 vs
 # 22 steps/s in all on 2 quiet cores).
 # ---------------------------------------------------------------------------------------------------------------------
+def _cores() -> list[int]:
+  if hasattr(os, "sched_getaffinity"):  # Linux: the cores this process may use
+    return sorted(os.sched_getaffinity(0))
+  return list(range(os.cpu_count() or 1))
+
+
 def default_jobs() -> int:
-  return max(1, min(2, len(os.sched_getaffinity(0))))
+  return max(1, min(2, len(_cores())))
 
 
 def worker(cmd: list[str], slot: int, jobs: int, logf) -> subprocess.Popen:
@@ -100,9 +106,10 @@ def worker(cmd: list[str], slot: int, jobs: int, logf) -> subprocess.Popen:
   if jobs > 1:
     env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
                         " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1").strip()
-    cores = sorted(os.sched_getaffinity(0))
-    core = cores[slot % len(cores)]
-    preexec = lambda: os.sched_setaffinity(0, {core})  # noqa: E731
+    if hasattr(os, "sched_setaffinity"):  # elsewhere (macOS) the workers are not pinned
+      cores = _cores()
+      core = cores[slot % len(cores)]
+      preexec = lambda: os.sched_setaffinity(0, {core})  # noqa: E731
   return subprocess.Popen(cmd, cwd=ROOT, stdout=logf, stderr=subprocess.STDOUT, env=env, preexec_fn=preexec)
 
 
