@@ -185,7 +185,8 @@ def main():
     f.write("# Compiled for TPU slices with `python -m dlm_jax.compile` (benchmarks/compile_table.py)"
             "\n\nPer device; GiB = 2^30 bytes. 'note's estimate' is launch/README.md's arithmetic "
             "for the same row: before issue 14 (2 float32 [s, V] logits per sequence) and "
-            "corrected (the fused per-device head).\n\n" + table)
+            "corrected (the fused per-device head, plus 2 B per parameter of gathered bf16 weights on "
+            "every device when fsdp > 1).\n\n" + table)
   print(table)
 
 

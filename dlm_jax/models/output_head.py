@@ -49,8 +49,8 @@ def chunking(rows: int, vocab_local: int, chunk_bytes: int = CHUNK_BYTES) -> tup
   """(rows per chunk, padded rows): the fewest chunks of at most `chunk_rows` rows covering `rows`,
   sized evenly (a multiple of 8 when there are several), so padding stays under 8 rows a chunk."""
   cap = chunk_rows(vocab_local, rows, chunk_bytes)
-  n_chunks = -(-rows // cap)
-  chunk = -(-rows // n_chunks)
+  n_chunks = max(1, -(-rows // cap))
+  chunk = max(1, -(-rows // n_chunks))  # rows = 0 (a zero budget): one chunk of one padding row
   if n_chunks > 1:
     chunk = -(-chunk // 8) * 8  # <= cap: cap is a multiple of 8 and ceil(rows / n_chunks) <= cap
   return chunk, n_chunks * chunk
